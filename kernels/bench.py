@@ -1,0 +1,164 @@
+"""python -m kernels.bench: the MoE layer on this machine, the dispatch path against its peer.
+
+The peer is kernels.naive_moe (Hugging Face Mixtral's loop), measured in the same run on the same
+weights and routing, calls interleaved so that both see the same machine state. Also measures the
+memory bandwidth with a copy test, to say what fraction of it batch 1 streams weights at.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .dispatch import ExpertWeights, fused_moe
+from .naive_moe import LinearExperts, naive_moe
+
+# Legend: T = tokens, E = experts (global), L = local experts, D = hidden, F = ffn.
+
+
+@dataclass(frozen=True)
+class BenchShape:
+    hidden: int
+    ffn: int
+    num_experts: int = 8
+    num_local: int = 8  # Grok-1 shards hold num_experts / EP of them
+    top_k: int = 2
+
+
+SHAPES = {
+    "cpu-bench": BenchShape(hidden=1024, ffn=2048),
+    # One rank's experts of Grok-1 at EP 8 and EP 4: the real per-expert shapes, fewer experts.
+    "grok1-ep8": BenchShape(hidden=6144, ffn=32768, num_local=1),
+    "grok1-ep4": BenchShape(hidden=6144, ffn=32768, num_local=2),
+}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def copy_bandwidth(nbytes: int = 1 << 29, reps: int = 7) -> float:
+    """GB/s of a large tensor copy, counting bytes read plus bytes written (the STREAM convention)."""
+    src = torch.ones(nbytes // 4, dtype=torch.float32)
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(reps + 1):
+        start = time.perf_counter()
+        dst.copy_(src)
+        times.append(time.perf_counter() - start)
+    return 2 * nbytes / statistics.median(times[1:]) / 1e9
+
+
+def make_experts(shape: BenchShape, dtype: torch.dtype, seed: int) -> ExpertWeights:
+    gen = torch.Generator().manual_seed(seed)
+    w13 = torch.randn(shape.num_local, shape.hidden, 2 * shape.ffn, generator=gen) * shape.hidden ** -0.5
+    w2 = torch.randn(shape.num_local, shape.ffn, shape.hidden, generator=gen) * shape.ffn ** -0.5
+    return ExpertWeights(w13.to(dtype), w2.to(dtype))
+
+
+def expert_map_of(shape: BenchShape) -> torch.Tensor | None:
+    """Rank 0's map: expert e lives on rank e mod EP."""
+    if shape.num_local == shape.num_experts:
+        return None
+    ranks = shape.num_experts // shape.num_local
+    ids = torch.arange(shape.num_experts, dtype=torch.int32)
+    return torch.where(ids % ranks == 0, ids // ranks, -1).to(torch.int32)
+
+
+def make_logits(shape: BenchShape, num_tokens: int, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(num_tokens, shape.num_experts, generator=gen)
+    expert_map = expert_map_of(shape)
+    if expert_map is not None:
+        # Route every token to this rank's experts: the busiest rank sets the step time under EP.
+        logits += 8.0 * (expert_map >= 0)
+    return logits
+
+
+def time_interleaved(fns: dict, min_reps: int, budget_s: float) -> dict[str, float]:
+    """Median seconds per call of each fn, calls alternating between them."""
+    for fn in fns.values():
+        fn()  # warm-up: allocator, thread pool, weights into whatever cache they fit
+    times = {name: [] for name in fns}
+    deadline = time.perf_counter() + budget_s
+    while min(len(t) for t in times.values()) < min_reps or time.perf_counter() < deadline:
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+        if len(next(iter(times.values()))) >= 200:
+            break
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def machine() -> str:
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{model}, {os.cpu_count()} cores, torch {torch.__version__} with {torch.get_num_threads()} threads"
+
+
+def bench_case(shape: BenchShape, dtype: torch.dtype, num_tokens: int, experts: ExpertWeights,
+               peer: LinearExperts, min_reps: int, budget_s: float) -> dict:
+    logits = make_logits(shape, num_tokens, seed=num_tokens)
+    x = torch.randn(num_tokens, shape.hidden, generator=torch.Generator().manual_seed(1)).to(dtype)
+    expert_map = expert_map_of(shape)
+    local_of_global = None if expert_map is None else expert_map.tolist()
+    ours = fused_moe(x, logits, experts, shape.top_k, expert_map)
+    theirs = naive_moe(x, logits, peer, shape.top_k, local_of_global)
+    rel_err = ((ours.float() - theirs.float()).norm() / theirs.float().norm()).item()
+    times = time_interleaved({
+        "ours": lambda: fused_moe(x, logits, experts, shape.top_k, expert_map),
+        "naive": lambda: naive_moe(x, logits, peer, shape.top_k, local_of_global),
+    }, min_reps, budget_s)
+    counts = torch.zeros(shape.num_experts, dtype=torch.int64)
+    fused_moe(x, logits, experts, shape.top_k, expert_map, counts)
+    held = counts if expert_map is None else counts[expert_map_of(shape) >= 0]
+    bytes_per_expert = (experts.w13[0].numel() + experts.w2[0].numel()) * experts.w13.element_size()
+    weight_bytes = int((held > 0).sum()) * bytes_per_expert
+    flops = 6 * int(held.sum()) * shape.hidden * shape.ffn
+    return {"tokens": num_tokens, "ours_s": times["ours"], "naive_s": times["naive"], "rel_err": rel_err,
+            "weight_bytes": weight_bytes, "flops": flops}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", default="cpu-bench", help=f"comma-separated, of {sorted(SHAPES)}")
+    parser.add_argument("--dtypes", default="fp32,bf16", help="weight and activation dtypes: fp32,bf16")
+    parser.add_argument("--batches", default="1,16,256", help="tokens per call")
+    parser.add_argument("--min-reps", type=int, default=5)
+    parser.add_argument("--budget", type=float, default=3.0, help="seconds of timing per case, at least")
+    args = parser.parse_args(argv)
+
+    bandwidth = copy_bandwidth()
+    print(f"machine: {machine()}")
+    print(f"copy bandwidth: {bandwidth:.1f} GB/s (read + write, 512 MiB buffers)")
+    print()
+    print("| shape | weights | tokens | ours ms | naive ms | speedup | ours GB/s | naive GB/s "
+          "| ours TFLOP/s | naive TFLOP/s | ours / copy BW | rel. diff |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for shape_name in args.shapes.split(","):
+        shape = SHAPES[shape_name]
+        for dtype_name in args.dtypes.split(","):
+            dtype = DTYPES[dtype_name]
+            experts = make_experts(shape, dtype, seed=0)
+            peer = LinearExperts.from_expert_weights(experts)
+            for num_tokens in (int(b) for b in args.batches.split(",")):
+                r = bench_case(shape, dtype, num_tokens, experts, peer, args.min_reps, args.budget)
+                ours_gbs = r["weight_bytes"] / r["ours_s"] / 1e9
+                naive_gbs = r["weight_bytes"] / r["naive_s"] / 1e9
+                fraction = f"{ours_gbs / bandwidth:.0%}" if num_tokens == 1 else ""
+                print(f"| {shape_name} | {dtype_name} | {num_tokens} | {r['ours_s'] * 1e3:.2f} | "
+                      f"{r['naive_s'] * 1e3:.2f} | {r['naive_s'] / r['ours_s']:.2f}x | {ours_gbs:.1f} | "
+                      f"{naive_gbs:.1f} | {r['flops'] / r['ours_s'] / 1e12:.3f} | "
+                      f"{r['flops'] / r['naive_s'] / 1e12:.3f} | {fraction} | {r['rel_err']:.1e} |", flush=True)
+            del experts, peer
+
+
+if __name__ == "__main__":
+    main()

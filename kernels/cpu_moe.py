@@ -1,0 +1,100 @@
+"""The MoE layer on CPU with torch ops: a loop over only the experts that received tokens.
+
+CPU GEMMs are only fast in float32 here (AVX2, no native bfloat16): torch's bfloat16 matmul with
+the checkpoint's [in, out] layout takes a scalar fallback, tens of times slower than float32. So
+non-float32 weights are widened to float32 in row chunks that stay in cache, each chunk consumed by
+an addmm before the next is made; DRAM sees each weight byte once, in its stored width.
+"""
+from __future__ import annotations
+
+import torch
+
+from .expert_weights import ExpertWeights
+from .moe_inputs import check_moe_inputs
+from .reference import gelu_tanh, softmax_topk
+
+# Legend: T = tokens, K = top_k, S = T * K slots, E = experts (global), L = local experts, D = hidden,
+# F = ffn, N = a weight's output columns, R = scale row blocks, n = slots of one expert.
+
+# float32 bytes of one widened weight chunk: large enough that per-chunk op overhead is small next
+# to its GEMM, small enough to stay in L2 between the widening and the addmm that reads it.
+_CHUNK_BYTES = 1 << 20
+
+
+def _widen_chunk(out: torch.Tensor, weight: torch.Tensor, scale_row: torch.Tensor | None,
+                 act_dtype: torch.dtype) -> None:
+    """out (float32) <- the reference's weight numerics: dequantize in float32, round to act_dtype."""
+    if scale_row is not None:
+        out.copy_(weight)
+        out.mul_(scale_row)
+        if act_dtype != torch.float32:
+            out.copy_(out.to(act_dtype))
+    elif weight.dtype == act_dtype or act_dtype == torch.float32:
+        out.copy_(weight)  # exact
+    else:
+        out.copy_(weight.to(act_dtype))
+
+
+def matmul_weight(a: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None,
+                  act_dtype: torch.dtype) -> torch.Tensor:
+    """a float32 [n, K] @ weight [K, N] (any stored dtype, int8 with scales [R, N]) -> float32 [n, N]."""
+    if weight.dtype == torch.float32 and act_dtype == torch.float32:
+        return a @ weight
+    rows, cols = weight.shape
+    rows_per_scale = rows if scales is None else rows // scales.shape[0]
+    chunk_rows = max(8, min(rows, _CHUNK_BYTES // (4 * cols)))
+    out = torch.zeros(a.shape[0], cols, dtype=torch.float32)
+    buf = torch.empty(chunk_rows, cols, dtype=torch.float32)
+    k0 = 0
+    while k0 < rows:
+        # Chunks never straddle a scale row block, so one scale row serves the whole chunk.
+        k1 = min(k0 + chunk_rows, rows, (k0 // rows_per_scale + 1) * rows_per_scale)
+        chunk = buf[: k1 - k0]
+        scale_row = None if scales is None else scales[k0 // rows_per_scale].float()
+        _widen_chunk(chunk, weight[k0:k1], scale_row, act_dtype)
+        out.addmm_(a[:, k0:k1], chunk)
+        k0 = k1
+    return out
+
+
+def expert_mlp(x: torch.Tensor, experts: ExpertWeights, e: int) -> torch.Tensor:
+    """x [n, D] -> float32 [n, D]: (gelu_tanh(x @ linear) * (x @ linear_v)) @ linear_1 of local expert e."""
+    act_dtype = x.dtype
+    ffn = experts.ffn_size
+    scales13 = None if experts.w13_scales is None else experts.w13_scales[e]
+    ab = matmul_weight(x.float(), experts.w13[e], scales13, act_dtype)  # [n, 2F]
+    h = gelu_tanh(ab[:, :ffn]).mul_(ab[:, ffn:])  # [n, F]
+    if act_dtype != torch.float32:
+        h = h.to(act_dtype).float()  # GEMM 2 reads h in the activation dtype, as on GPU
+    scales2 = None if experts.w2_scales is None else experts.w2_scales[e]
+    return matmul_weight(h, experts.w2[e], scales2, act_dtype)
+
+
+def fused_moe_cpu(x: torch.Tensor, router_logits: torch.Tensor, experts: ExpertWeights, top_k: int,
+                  expert_map: torch.Tensor | None = None,
+                  expert_counts_out: torch.Tensor | None = None) -> torch.Tensor:
+    """Same contract as kernels.dispatch.fused_moe. Syncs freely: on CPU there is no device to wait on."""
+    check_moe_inputs(x, router_logits, experts, top_k, expert_map, expert_counts_out)
+    num_tokens, num_experts = router_logits.shape
+    gates, ids = softmax_topk(router_logits, top_k)  # [T, K], [T, K]
+    flat_ids = ids.view(-1).long()  # [S]
+    if expert_counts_out is not None:
+        expert_counts_out += torch.bincount(flat_ids, minlength=num_experts)
+    local = flat_ids if expert_map is None else expert_map.long()[flat_ids]  # [S], -1 = not held
+    out = torch.zeros(num_tokens, experts.hidden_size, dtype=torch.float32)  # [T, D]
+    if num_tokens == 0:
+        return out.to(x.dtype)
+    order = torch.argsort(local, stable=True)  # [S] slots by local expert, unheld ones first
+    counts = torch.bincount(local + 1, minlength=experts.num_experts + 1).tolist()
+    flat_gates = gates.view(-1)
+    start = counts[0]
+    for e, n in enumerate(counts[1:]):
+        if n == 0:
+            continue
+        slots = order[start:start + n]
+        start += n
+        tokens = slots // top_k
+        y = expert_mlp(x.index_select(0, tokens), experts, e)  # [n, D]
+        y.mul_(flat_gates.index_select(0, slots)[:, None])
+        out.index_add_(0, tokens, y)
+    return out if x.dtype == torch.float32 else out.to(x.dtype)

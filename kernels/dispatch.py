@@ -1,0 +1,29 @@
+"""The MoE layer entry point: Triton kernels on CUDA, the fastest correct torch path on CPU."""
+from __future__ import annotations
+
+import torch
+
+from .cpu_moe import fused_moe_cpu
+from .expert_weights import ExpertWeights
+
+__all__ = ["ExpertWeights", "fused_moe"]
+
+
+def fused_moe(x: torch.Tensor, router_logits: torch.Tensor, experts: ExpertWeights, top_k: int,
+              expert_map: torch.Tensor | None = None,
+              expert_counts_out: torch.Tensor | None = None) -> torch.Tensor:
+    """x [T, D] (fp32/bf16/fp16); router_logits fp32 [T, E] (E = number of experts globally).
+    Returns [T, D] in x.dtype: sum over the top_k chosen experts of prob * expert(x), where
+    probs = softmax over all E (fp32, not renormalized) and
+    expert(x) = (gelu_tanh(x @ linear) * (x @ linear_v)) @ linear_1.
+    expert_map: int32 [E], global expert id -> local index into `experts`, or -1 when that expert is
+    not held here (those routes contribute nothing; the caller all-reduces partial sums).
+    None = all E local, identity.
+    expert_counts_out: optional int64 [E]; tokens routed to each global expert are added in place.
+    On CUDA nothing here waits on the device."""
+    if x.is_cuda:
+        # Imported here so that CPU-only processes never load triton.
+        from .triton_moe import fused_moe_triton
+
+        return fused_moe_triton(x, router_logits, experts, top_k, expert_map, expert_counts_out)
+    return fused_moe_cpu(x, router_logits, experts, top_k, expert_map, expert_counts_out)

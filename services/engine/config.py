@@ -1,0 +1,36 @@
+"""Engine configuration: one frozen dataclass, validated where it is made."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from services.model.checkpoint import LOAD_FORMATS, TORCH_DTYPES
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str = "tiny"  # a preset name or a checkpoint directory
+    dtype: str = "float32"
+    load_format: str = "auto"
+    seed: int = 0  # dummy weights and unseeded sampling
+    device: str = "cpu"
+    block_size: int = 16
+    kv_cache_memory_bytes: int = 512 << 20
+    num_kv_blocks: int | None = None  # overrides the memory budget
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048  # per step: decodes plus prefill chunks
+    max_model_len: int | None = None  # default: the model's context (8192 for Grok-1)
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self) -> None:
+        if self.dtype not in TORCH_DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(TORCH_DTYPES)}, got {self.dtype!r}")
+        if self.load_format not in LOAD_FORMATS:
+            raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {self.load_format!r}")
+        for name in ("block_size", "kv_cache_memory_bytes", "max_num_seqs", "max_num_batched_tokens"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"EngineConfig.{name} must be a positive integer, got {value!r}")
+        for name in ("num_kv_blocks", "max_model_len"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+                raise ValueError(f"EngineConfig.{name} must be a positive integer or None, got {value!r}")

@@ -1,0 +1,215 @@
+"""Loading Grok-1 weights: the release pickles, converted safetensors, or deterministic random weights.
+
+Every format yields (release name, array or QuantizedWeight8bit) one tensor at a time; `assign` checks
+the shape, keeps this rank's slice and copies it into the model, so the whole checkpoint is never held
+twice and a rank never materialises what other ranks own.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+import torch
+
+from services.model import release_format
+from services.model.config import PRESETS, Grok1Config
+from services.model.grok1 import Grok1
+from services.model.quant import dequantize, quantize
+from services.model.release_format import CheckpointError, QuantizedWeight8bit
+from services.model.shard import Comm, Shard
+from services.model.weight_map import Split, release_shape, shard_index, target
+
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+LOAD_FORMATS = ("auto", "release", "safetensors", "hf", "dummy")
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+SCALES_SUFFIX = ":scales"
+
+
+def to_torch(array: np.ndarray) -> torch.Tensor:
+    if array.dtype == ml_dtypes.bfloat16:
+        return torch.from_numpy(np.ascontiguousarray(array).view(np.uint16)).view(torch.bfloat16)
+    return torch.from_numpy(np.ascontiguousarray(array))
+
+
+def detect_format(path: Path) -> str:
+    if release_format.is_release_dir(path):
+        return "release"
+    if (path / SAFETENSORS_INDEX).exists() or any(path.glob("*.safetensors")):
+        from services.model.hf_format import is_hf_dir
+        return "hf" if is_hf_dir(path) else "safetensors"
+    if any(path.glob("pytorch_model*.bin")):
+        return "hf"
+    raise CheckpointError(f"{path}: no checkpoint found (expected ckpt-0/tensor00000_000, *.safetensors "
+                          f"or pytorch_model*.bin)")
+
+
+def iter_release(path: Path, config: Grok1Config) -> Iterator[tuple[str, object, Path, bool]]:
+    for index, name in enumerate(release_format.param_names(config)):
+        file = release_format.tensor_path(path, index)
+        yield name, release_format.read_tensor(file), file, False
+
+
+def _parts(value) -> tuple[np.ndarray, np.ndarray | None]:
+    if isinstance(value, QuantizedWeight8bit):
+        return value.weight, value.scales
+    return value, None
+
+
+def _local_shape(shape: tuple[int, ...], index: tuple) -> tuple[int, ...]:
+    return np.broadcast_to(np.empty((), np.int8), shape)[index].shape
+
+
+def assign(model: Grok1, name: str, value, source: Path | str, sliced: bool = False) -> None:
+    """Check one released parameter against the config and copy this rank's part into the model.
+
+    `value` is the full parameter, or (sliced=True) already this rank's part, read from an mmap."""
+    config, shard = model.config, model.shard
+    t = target(name)
+    weight, scales = _parts(value)
+    if scales is not None and release_shape(name, config)[1] is None:
+        raise CheckpointError(f"{source}: {name} is quantized, but Grok-1 keeps it in float32")
+    want_w, want_s = release_shape(name, config)
+    w_index = shard_index(t.split, want_w, config, shard, False)
+    s_index = None if want_s is None else shard_index(t.split, want_s, config, shard, True)
+    if sliced:
+        want_w = _local_shape(want_w, w_index)
+        want_s = None if want_s is None else _local_shape(want_s, s_index)
+    got_w, got_s = tuple(weight.shape), None if scales is None else tuple(scales.shape)
+    if got_w != tuple(want_w) or (got_s is not None and got_s != tuple(want_s)):
+        raise CheckpointError(f"{source}: {name} has shape {got_w}"
+                              f"{'' if got_s is None else f' with scales {got_s}'}, expected {tuple(want_w)}"
+                              f"{'' if want_s is None else f' with scales {tuple(want_s)}'} for this config")
+    w = to_torch(weight if sliced else weight[w_index])
+    s = None if scales is None else to_torch(scales if sliced else scales[s_index])
+    try:
+        module = model.get_submodule(t.dest)
+    except AttributeError:
+        buffer = model.get_buffer(t.dest)  # float32 arrays as released (quantized ones refused above)
+        buffer.copy_(w.to(buffer.dtype))
+        return
+    _assign_linear(module, w, s, t.half)
+
+
+def _assign_linear(module: torch.nn.Module, w: torch.Tensor, s: torch.Tensor | None, half: int | None) -> None:
+    dest_w, dest_s = module.w, module.scales
+    if half is not None:
+        n = dest_w.shape[-1] // 2
+        dest_w = dest_w[..., half * n:(half + 1) * n]
+        dest_s = None if dest_s is None else dest_s[..., half * n:(half + 1) * n]
+    if dest_s is None:
+        dest_w.copy_(w if s is None else dequantize(w, s, dest_w.dtype))
+        return
+    if s is None:  # a float checkpoint served as int8
+        w, s = quantize(w.float(), dest_s.shape[-2])
+    dest_w.copy_(w)
+    dest_s.copy_(s)
+
+
+def iter_safetensors(path: Path, config: Grok1Config, shard: Shard) -> Iterator[tuple[str, object, Path, bool]]:
+    """Converted checkpoints: release names as keys, int8 scales under `name:scales`; mmap, rank slices."""
+    from safetensors import safe_open
+
+    index_file = path / SAFETENSORS_INDEX
+    if index_file.exists():
+        weight_map = json.loads(index_file.read_text())["weight_map"]
+    else:
+        weight_map = {}
+        for file in sorted(path.glob("*.safetensors")):
+            with safe_open(file, "pt") as f:
+                weight_map.update({k: file.name for k in f.keys()})
+    for name in release_format.param_names(config):
+        if name not in weight_map:
+            raise CheckpointError(f"{path}: {name} is missing from the safetensors checkpoint")
+        file = path / weight_map[name]
+        with safe_open(file, "np") as f:
+            full_w = release_shape(name, config)[0]
+            split = target(name).split
+            weight = _read_slice(f, name, split, full_w, config, shard, False, file)
+            scales = None
+            if name + SCALES_SUFFIX in f.keys():
+                shape = tuple(f.get_slice(name + SCALES_SUFFIX).get_shape())
+                scales = _read_slice(f, name + SCALES_SUFFIX, split, shape, config, shard, True, file)
+        yield name, (weight if scales is None else QuantizedWeight8bit(weight, scales)), file, shard.size > 1
+
+
+def _read_slice(f, key, split, full_shape, config, shard, is_scales, file) -> np.ndarray:
+    view = f.get_slice(key)
+    shape = tuple(view.get_shape())
+    if not is_scales and shape != tuple(full_shape):
+        raise CheckpointError(f"{file}: {key} has shape {shape}, expected {tuple(full_shape)}")
+    if shard.size == 1:
+        return f.get_tensor(key)
+    return view[shard_index(split, shape, config, shard, is_scales)]
+
+
+def dummy_weights(config: Grok1Config, seed: int) -> Iterator[tuple[str, object, str, bool]]:
+    """Deterministic random weights in the release's form (int8 + bf16 scales where it quantizes)."""
+    rng = np.random.default_rng(seed)
+    for name in release_format.param_names(config):
+        shape, scale_shape = release_shape(name, config)
+        if name.endswith("scale"):
+            yield name, np.ones(shape, np.float32), "dummy", False
+            continue
+        # Embeddings at 2/sqrt(D): the tied output then gives logits of std ~1, so sampling from a
+        # random model is varied rather than stuck on one token.
+        fan_in = shape[-2] if "embeddings" not in name else shape[-1] / 4
+        w = rng.standard_normal(shape, dtype=np.float32) / np.sqrt(fan_in)
+        if scale_shape is None:
+            yield name, w, "dummy", False
+        else:
+            q, s = quantize(torch.from_numpy(w), scale_shape[-2])
+            yield name, QuantizedWeight8bit(q.numpy(), s.float().numpy().astype(ml_dtypes.bfloat16)), "dummy", False
+
+
+def load_model(source: str | Path, dtype: str = "float32", *, load_format: str = "auto", seed: int = 0,
+               shard: Shard = Shard(), comm: Comm | None = None, int8: bool | None = None,
+               device: str | torch.device = "cpu") -> Grok1:
+    """A preset name (random weights) or a checkpoint directory -> the model, ready for inference.
+
+    int8 (default: only on CUDA) keeps int8 weights and their scales in memory, as the GPU kernels
+    consume them; otherwise they are dequantized once at load, the fast path on CPU.
+    """
+    if dtype not in TORCH_DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(TORCH_DTYPES)}, got {dtype!r}")
+    if load_format not in LOAD_FORMATS:
+        raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {load_format!r}")
+    source_str = str(source)
+    if source_str in PRESETS:
+        config, path = PRESETS[source_str], None
+        if load_format not in ("auto", "dummy"):
+            raise ValueError(f"{source_str!r} is a preset: it has only random (dummy) weights")
+        load_format = "dummy"
+    else:
+        path = Path(source)
+        if not path.is_dir():
+            raise ValueError(f"{source_str!r} is neither a preset ({', '.join(sorted(PRESETS))}) nor a "
+                             f"checkpoint directory")
+        # The format decides how config.json reads: a Hugging Face one is not a reference config.
+        if load_format == "auto":
+            load_format = detect_format(path)
+        if load_format == "hf":
+            from services.model.hf_format import config_for_hf
+            config = config_for_hf(path)
+        else:
+            config = Grok1Config.from_dir(path)
+    device = torch.device(device)
+    if int8 is None:
+        int8 = device.type == "cuda"
+    model = Grok1(config, TORCH_DTYPES[dtype], int8=int8, shard=shard, comm=comm)
+    if load_format == "dummy":
+        tensors = dummy_weights(config, seed)
+    elif load_format == "release":
+        tensors = iter_release(path, config)
+    elif load_format == "safetensors":
+        tensors = iter_safetensors(path, config, shard)
+    else:
+        from services.model.hf_format import iter_hf
+        tensors = iter_hf(path, config)
+    with torch.no_grad():
+        for name, value, file, sliced in tensors:
+            assign(model, name, value, file, sliced)
+    model.source = source_str
+    return model.to(device).eval()
