@@ -39,54 +39,60 @@ SHAPES = {
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def copy_bandwidth(nbytes: int = 1 << 29, reps: int = 7) -> float:
+def copy_bandwidth(device: torch.device, nbytes: int = 1 << 29, reps: int = 7) -> float:
     """GB/s of a large tensor copy, counting bytes read plus bytes written (the STREAM convention)."""
-    src = torch.ones(nbytes // 4, dtype=torch.float32)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
     times = []
     for _ in range(reps + 1):
+        sync()
         start = time.perf_counter()
         dst.copy_(src)
+        sync()
         times.append(time.perf_counter() - start)
     return 2 * nbytes / statistics.median(times[1:]) / 1e9
 
 
-def make_experts(shape: BenchShape, dtype: torch.dtype, seed: int) -> ExpertWeights:
+def make_experts(shape: BenchShape, dtype: torch.dtype, seed: int, device: torch.device) -> ExpertWeights:
     gen = torch.Generator().manual_seed(seed)
     w13 = torch.randn(shape.num_local, shape.hidden, 2 * shape.ffn, generator=gen) * shape.hidden ** -0.5
     w2 = torch.randn(shape.num_local, shape.ffn, shape.hidden, generator=gen) * shape.ffn ** -0.5
-    return ExpertWeights(w13.to(dtype), w2.to(dtype))
+    return ExpertWeights(w13.to(device, dtype), w2.to(device, dtype))
 
 
-def expert_map_of(shape: BenchShape) -> torch.Tensor | None:
+def expert_map_of(shape: BenchShape, device: torch.device) -> torch.Tensor | None:
     """Rank 0's map: expert e lives on rank e mod EP."""
     if shape.num_local == shape.num_experts:
         return None
     ranks = shape.num_experts // shape.num_local
     ids = torch.arange(shape.num_experts, dtype=torch.int32)
-    return torch.where(ids % ranks == 0, ids // ranks, -1).to(torch.int32)
+    return torch.where(ids % ranks == 0, ids // ranks, -1).to(device, torch.int32)
 
 
-def make_logits(shape: BenchShape, num_tokens: int, seed: int) -> torch.Tensor:
+def make_logits(shape: BenchShape, num_tokens: int, seed: int, device: torch.device) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     logits = torch.randn(num_tokens, shape.num_experts, generator=gen)
-    expert_map = expert_map_of(shape)
+    expert_map = expert_map_of(shape, torch.device("cpu"))
     if expert_map is not None:
         # Route every token to this rank's experts: the busiest rank sets the step time under EP.
         logits += 8.0 * (expert_map >= 0)
-    return logits
+    return logits.to(device)
 
 
-def time_interleaved(fns: dict, min_reps: int, budget_s: float) -> dict[str, float]:
+def time_interleaved(fns: dict, min_reps: int, budget_s: float, device: torch.device) -> dict[str, float]:
     """Median seconds per call of each fn, calls alternating between them."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for fn in fns.values():
-        fn()  # warm-up: allocator, thread pool, weights into whatever cache they fit
+        fn()  # warm-up: allocator, thread pool, kernel compilation
+    sync()
     times = {name: [] for name in fns}
     deadline = time.perf_counter() + budget_s
     while min(len(t) for t in times.values()) < min_reps or time.perf_counter() < deadline:
         for name, fn in fns.items():
             start = time.perf_counter()
             fn()
+            sync()
             times[name].append(time.perf_counter() - start)
         if len(next(iter(times.values()))) >= 200:
             break
@@ -105,9 +111,10 @@ def machine() -> str:
 
 def bench_case(shape: BenchShape, dtype: torch.dtype, num_tokens: int, experts: ExpertWeights,
                peer: LinearExperts, min_reps: int, budget_s: float) -> dict:
-    logits = make_logits(shape, num_tokens, seed=num_tokens)
-    x = torch.randn(num_tokens, shape.hidden, generator=torch.Generator().manual_seed(1)).to(dtype)
-    expert_map = expert_map_of(shape)
+    device = experts.device
+    logits = make_logits(shape, num_tokens, num_tokens, device)
+    x = torch.randn(num_tokens, shape.hidden, generator=torch.Generator().manual_seed(1)).to(device, dtype)
+    expert_map = expert_map_of(shape, device)
     local_of_global = None if expert_map is None else expert_map.tolist()
     ours = fused_moe(x, logits, experts, shape.top_k, expert_map)
     theirs = naive_moe(x, logits, peer, shape.top_k, local_of_global)
@@ -115,10 +122,10 @@ def bench_case(shape: BenchShape, dtype: torch.dtype, num_tokens: int, experts: 
     times = time_interleaved({
         "ours": lambda: fused_moe(x, logits, experts, shape.top_k, expert_map),
         "naive": lambda: naive_moe(x, logits, peer, shape.top_k, local_of_global),
-    }, min_reps, budget_s)
-    counts = torch.zeros(shape.num_experts, dtype=torch.int64)
+    }, min_reps, budget_s, device)
+    counts = torch.zeros(shape.num_experts, dtype=torch.int64, device=device)
     fused_moe(x, logits, experts, shape.top_k, expert_map, counts)
-    held = counts if expert_map is None else counts[expert_map_of(shape) >= 0]
+    held = (counts if expert_map is None else counts[expert_map >= 0]).cpu()
     bytes_per_expert = (experts.w13[0].numel() + experts.w2[0].numel()) * experts.w13.element_size()
     weight_bytes = int((held > 0).sum()) * bytes_per_expert
     flops = 6 * int(held.sum()) * shape.hidden * shape.ffn
@@ -133,10 +140,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batches", default="1,16,256", help="tokens per call")
     parser.add_argument("--min-reps", type=int, default=5)
     parser.add_argument("--budget", type=float, default=3.0, help="seconds of timing per case, at least")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda for the Triton path on a GPU")
     args = parser.parse_args(argv)
 
-    bandwidth = copy_bandwidth()
-    print(f"machine: {machine()}")
+    device = torch.device(args.device)
+    bandwidth = copy_bandwidth(device)
+    print(f"machine: {machine()}" + (f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""))
     print(f"copy bandwidth: {bandwidth:.1f} GB/s (read + write, 512 MiB buffers)")
     print()
     print("| shape | weights | tokens | ours ms | naive ms | speedup | ours GB/s | naive GB/s "
@@ -146,7 +155,7 @@ def main(argv: list[str] | None = None) -> None:
         shape = SHAPES[shape_name]
         for dtype_name in args.dtypes.split(","):
             dtype = DTYPES[dtype_name]
-            experts = make_experts(shape, dtype, seed=0)
+            experts = make_experts(shape, dtype, 0, device)
             peer = LinearExperts.from_expert_weights(experts)
             for num_tokens in (int(b) for b in args.batches.split(",")):
                 r = bench_case(shape, dtype, num_tokens, experts, peer, args.min_reps, args.budget)

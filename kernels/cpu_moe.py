@@ -1,9 +1,12 @@
 """The MoE layer on CPU with torch ops: a loop over only the experts that received tokens.
 
-CPU GEMMs are only fast in float32 here (AVX2, no native bfloat16): torch's bfloat16 matmul with
-the checkpoint's [in, out] layout takes a scalar fallback, tens of times slower than float32. So
-non-float32 weights are widened to float32 in row chunks that stay in cache, each chunk consumed by
-an addmm before the next is made; DRAM sees each weight byte once, in its stored width.
+CPU GEMMs are fast here only in float32 (AVX2, no native bfloat16): torch's bfloat16 matmul with
+the checkpoint's [in, out] layout takes a scalar fallback, tens of times slower than float32. Two
+ways around it, both streaming each weight byte from DRAM once, in its stored width:
+- one token on an expert: torch.mv on the transposed view, whose bfloat16 kernel is vectorized and
+  accumulates in float32 (it rounds once, to bfloat16);
+- more tokens: the weight is widened to float32 in row chunks that stay in cache, each chunk
+  consumed by an addmm before the next is made.
 """
 from __future__ import annotations
 
@@ -35,14 +38,18 @@ def _widen_chunk(out: torch.Tensor, weight: torch.Tensor, scale_row: torch.Tenso
         out.copy_(weight.to(act_dtype))
 
 
-def matmul_weight(a: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None,
-                  act_dtype: torch.dtype) -> torch.Tensor:
-    """a float32 [n, K] @ weight [K, N] (any stored dtype, int8 with scales [R, N]) -> float32 [n, N]."""
+def matmul_weight(a: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:
+    """a [n, K] in the activation dtype @ weight [K, N] (any stored dtype, int8 with scales [R, N])
+    -> float32 [n, N], with the reference's numerics (weights rounded to a's dtype)."""
+    act_dtype = a.dtype
     if weight.dtype == torch.float32 and act_dtype == torch.float32:
         return a @ weight
+    if a.shape[0] == 1 and scales is None and weight.dtype == act_dtype == torch.bfloat16:
+        return torch.mv(weight.t(), a[0]).float()[None]
     rows, cols = weight.shape
     rows_per_scale = rows if scales is None else rows // scales.shape[0]
     chunk_rows = max(8, min(rows, _CHUNK_BYTES // (4 * cols)))
+    a = a.float()
     out = torch.zeros(a.shape[0], cols, dtype=torch.float32)
     buf = torch.empty(chunk_rows, cols, dtype=torch.float32)
     k0 = 0
@@ -59,15 +66,29 @@ def matmul_weight(a: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | 
 
 def expert_mlp(x: torch.Tensor, experts: ExpertWeights, e: int) -> torch.Tensor:
     """x [n, D] -> float32 [n, D]: (gelu_tanh(x @ linear) * (x @ linear_v)) @ linear_1 of local expert e."""
-    act_dtype = x.dtype
     ffn = experts.ffn_size
     scales13 = None if experts.w13_scales is None else experts.w13_scales[e]
-    ab = matmul_weight(x.float(), experts.w13[e], scales13, act_dtype)  # [n, 2F]
-    h = gelu_tanh(ab[:, :ffn]).mul_(ab[:, ffn:])  # [n, F]
-    if act_dtype != torch.float32:
-        h = h.to(act_dtype).float()  # GEMM 2 reads h in the activation dtype, as on GPU
+    ab = matmul_weight(x, experts.w13[e], scales13)  # [n, 2F] float32
+    h = gelu_tanh(ab[:, :ffn]).mul_(ab[:, ffn:]).to(x.dtype)  # [n, F], GEMM 2 reads it in x's dtype
     scales2 = None if experts.w2_scales is None else experts.w2_scales[e]
-    return matmul_weight(h, experts.w2[e], scales2, act_dtype)
+    return matmul_weight(h, experts.w2[e], scales2)
+
+
+def _slots_by_expert(local: torch.Tensor, num_local: int, one_token: bool):
+    """(local expert, its slots [n]) for each expert that received slots; local [S], -1 = not held."""
+    if one_token:
+        # A token's top-k experts are distinct; a sort costs more than this whole routing.
+        for slot, e in enumerate(local.tolist()):
+            if e >= 0:
+                yield e, slot
+        return
+    order = torch.argsort(local, stable=True)  # [S] slots by local expert, unheld ones first
+    counts = torch.bincount(local + 1, minlength=num_local + 1).tolist()
+    start = counts[0]
+    for e, n in enumerate(counts[1:]):
+        if n:
+            yield e, order[start:start + n]
+            start += n
 
 
 def fused_moe_cpu(x: torch.Tensor, router_logits: torch.Tensor, experts: ExpertWeights, top_k: int,
@@ -84,17 +105,13 @@ def fused_moe_cpu(x: torch.Tensor, router_logits: torch.Tensor, experts: ExpertW
     out = torch.zeros(num_tokens, experts.hidden_size, dtype=torch.float32)  # [T, D]
     if num_tokens == 0:
         return out.to(x.dtype)
-    order = torch.argsort(local, stable=True)  # [S] slots by local expert, unheld ones first
-    counts = torch.bincount(local + 1, minlength=experts.num_experts + 1).tolist()
-    flat_gates = gates.view(-1)
-    start = counts[0]
-    for e, n in enumerate(counts[1:]):
-        if n == 0:
+    flat_gates = gates.view(-1)  # [S]
+    for e, slots in _slots_by_expert(local, experts.num_experts, num_tokens == 1):
+        if num_tokens == 1:
+            # No gather or scatter: the row is the token.
+            out.add_(expert_mlp(x, experts, e).mul_(flat_gates[slots]))
             continue
-        slots = order[start:start + n]
-        start += n
         tokens = slots // top_k
         y = expert_mlp(x.index_select(0, tokens), experts, e)  # [n, D]
-        y.mul_(flat_gates.index_select(0, slots)[:, None])
-        out.index_add_(0, tokens, y)
+        out.index_add_(0, tokens, y.mul_(flat_gates.index_select(0, slots)[:, None]))
     return out if x.dtype == torch.float32 else out.to(x.dtype)

@@ -46,7 +46,7 @@ def naive_moe(x: torch.Tensor, router_logits: torch.Tensor, experts: LinearExper
     routing_weights = F.softmax(router_logits, dim=1, dtype=torch.float)  # [T, E]
     routing_weights, selected_experts = torch.topk(routing_weights, top_k, dim=-1)  # [T, K]
     routing_weights = routing_weights.to(x.dtype)
-    final_hidden_states = torch.zeros(num_tokens, hidden, dtype=x.dtype)
+    final_hidden_states = torch.zeros(num_tokens, hidden, dtype=x.dtype, device=x.device)
     expert_mask = F.one_hot(selected_experts, num_classes=num_experts).permute(2, 1, 0)  # [E, K, T]
     for expert_idx in range(num_experts):
         local = expert_idx if local_of_global is None else local_of_global[expert_idx]

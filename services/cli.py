@@ -50,6 +50,27 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_offline(args: argparse.Namespace) -> int:
+    import json
+
+    from services.engine import benchmark
+
+    workload = benchmark.Workload(args.num_requests, args.prompt_len, args.output_len, args.seed)
+    rows = [benchmark.run_ours(args.model, args.dtype, workload, max_num_seqs=args.max_num_seqs,
+                               max_num_batched_tokens=args.max_num_batched_tokens,
+                               kv_cache_memory_bytes=int(args.kv_cache_gb * (1 << 30)))]
+    print(json.dumps(rows[0]), flush=True)
+    if args.peer == "vllm":
+        rows.append(benchmark.run_vllm(Path(args.peer_python), workload, benchmark.mixtral_dims(args.model),
+                                       args.dtype))
+        print(json.dumps(rows[1]), flush=True)
+        print(f"output tok/s: grok-serve {rows[0]['output_tok_s']}, vLLM {rows[1]['output_tok_s']}, "
+              f"ratio {rows[0]['output_tok_s'] / rows[1]['output_tok_s']:.2f}")
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="grok-serve", description="Serve the Grok-1 model.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -72,6 +93,21 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("dest", help="output directory")
     conv.add_argument("--shard-gb", type=float, default=4.0)
     conv.set_defaults(func=cmd_convert)
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
+    off = bench.add_parser("offline", help="batch throughput through the engine (optionally vs vLLM)")
+    off.add_argument("--model", default="cpu-bench")
+    off.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    off.add_argument("--num-requests", type=int, default=64)
+    off.add_argument("--prompt-len", type=int, default=128)
+    off.add_argument("--output-len", type=int, default=128)
+    off.add_argument("--seed", type=int, default=0)
+    off.add_argument("--max-num-seqs", type=int, default=64)
+    off.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    off.add_argument("--kv-cache-gb", type=float, default=2.0)
+    off.add_argument("--peer", choices=["none", "vllm"], default="none")
+    off.add_argument("--peer-python", default=".venv-vllm/bin/python")
+    off.add_argument("--json-out")
+    off.set_defaults(func=cmd_bench_offline)
     return parser
 
 

@@ -1,6 +1,7 @@
 """Engine configuration: one frozen dataclass, validated where it is made."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from services.model.checkpoint import LOAD_FORMATS, TORCH_DTYPES
@@ -20,13 +21,17 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048  # per step: decodes plus prefill chunks
     max_model_len: int | None = None  # default: the model's context (8192 for Grok-1)
     enable_prefix_caching: bool = True
+    # One model instance over N ranks (services/engine/parallel.py): rank 0 here, N - 1 Ray actors.
+    parallel_size: int = 1
+    collective_timeout_s: float = 30.0  # a rank silent this long inside a step fails the engine
 
     def __post_init__(self) -> None:
         if self.dtype not in TORCH_DTYPES:
             raise ValueError(f"dtype must be one of {sorted(TORCH_DTYPES)}, got {self.dtype!r}")
         if self.load_format not in LOAD_FORMATS:
             raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {self.load_format!r}")
-        for name in ("block_size", "kv_cache_memory_bytes", "max_num_seqs", "max_num_batched_tokens"):
+        for name in ("block_size", "kv_cache_memory_bytes", "max_num_seqs", "max_num_batched_tokens",
+                     "parallel_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"EngineConfig.{name} must be a positive integer, got {value!r}")
@@ -34,3 +39,8 @@ class EngineConfig:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
                 raise ValueError(f"EngineConfig.{name} must be a positive integer or None, got {value!r}")
+        timeout = self.collective_timeout_s
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not (
+                math.isfinite(timeout) and timeout > 0):
+            raise ValueError(f"EngineConfig.collective_timeout_s must be a positive number of seconds, "
+                             f"got {timeout!r}")

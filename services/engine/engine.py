@@ -49,8 +49,19 @@ class LLMEngine:
     def __init__(self, config: EngineConfig, model: Grok1 | None = None,
                  tokenizer: Tokenizer | None = None):
         self.config = config
-        self.model = model if model is not None else load_model(
-            config.model, config.dtype, load_format=config.load_format, seed=config.seed, device=config.device)
+        # --- model and runner (parallel groups: services/engine/parallel.py) ---
+        self.group = None
+        if config.parallel_size > 1:
+            if model is not None:
+                raise ValueError("with parallel_size > 1 every rank loads its own shard: pass no model")
+            from services.engine.parallel import ParallelGroup
+            self.group = ParallelGroup.start(config)  # ranks 1..N-1 as Ray actors; rank 0's shard here
+            self.model = self.group.model
+        else:
+            self.model = model if model is not None else load_model(
+                config.model, config.dtype, load_format=config.load_format, seed=config.seed,
+                device=config.device)
+        # --- end model ---
         mc = self.model.config
         model_dir = Path(config.model) if Path(config.model).is_dir() else None
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model_dir, mc.vocab_size)
@@ -63,9 +74,15 @@ class LLMEngine:
                                           enable_prefix_caching=config.enable_prefix_caching)
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
                                                    self.max_model_len), self.block_manager)
-        self.runner = ModelRunner(self.model, num_blocks, config.block_size)
         self.sampler = Sampler(seed=config.seed)
         self.stats = EngineStats(mc.num_layers, mc.num_experts)
+        # --- runner: after the stats, which a parallel runner feeds with collective time ---
+        if self.group is None:
+            self.runner = ModelRunner(self.model, num_blocks, config.block_size)
+        else:
+            from services.engine.parallel_runner import ParallelRunner
+            self.runner = ParallelRunner(self.group, num_blocks, config.block_size, self.stats)
+        # --- end runner ---
         self._requests: dict[str, _Request] = {}
         self._seq_owner: dict[int, str] = {}
         self._seq_ids = itertools.count()

@@ -37,6 +37,12 @@ class EngineStats:
     queue: list[float] = field(default_factory=list)
     tokens_per_step: list[int] = field(default_factory=list)
     expert_tokens: list[list[int]] = field(default_factory=list)  # [L][E] cumulative
+    # Parallel groups (services/engine/parallel_runner.py). Collective time is rank 0's wall time inside
+    # the model's all-reduces and gathers, waiting for the slowest rank included.
+    collective_s_total: float = 0.0
+    step_broadcast_s_total: float = 0.0  # rank 0 sending each step's description to the other ranks
+    collective_s: list[float] = field(default_factory=list)  # per step, since the last drain
+    rank_expert_tokens: list[int] = field(default_factory=list)  # [N] cumulative tokens each rank's experts ran
 
     def __post_init__(self) -> None:
         self.expert_tokens = [[0] * self.num_experts for _ in range(self.num_layers)]
@@ -72,6 +78,15 @@ class EngineStats:
                 for e, c in enumerate(row):
                     self.expert_tokens[layer][e] += c
 
+    def record_collectives(self, collective_s: float, broadcast_s: float, rank_tokens: list[int]) -> None:
+        self.collective_s_total += collective_s
+        self.step_broadcast_s_total += broadcast_s
+        self.collective_s.append(collective_s)
+        if len(self.rank_expert_tokens) < len(rank_tokens):
+            self.rank_expert_tokens += [0] * (len(rank_tokens) - len(self.rank_expert_tokens))
+        for rank, tokens in enumerate(rank_tokens):
+            self.rank_expert_tokens[rank] += tokens
+
     def record_finished(self, seq: Sequence) -> None:
         reason = seq.finish_reason or "abort"
         self.finished_by_reason[reason] = self.finished_by_reason.get(reason, 0) + 1
@@ -85,6 +100,7 @@ class EngineStats:
     def drain(self) -> dict[str, list]:
         """Histogram samples since the last call (and forget them)."""
         out = {"ttft": self.ttft, "itl": self.itl, "e2e": self.e2e, "queue": self.queue,
-               "tokens_per_step": self.tokens_per_step}
+               "tokens_per_step": self.tokens_per_step, "collective_s": self.collective_s}
         self.ttft, self.itl, self.e2e, self.queue, self.tokens_per_step = [], [], [], [], []
+        self.collective_s = []
         return out

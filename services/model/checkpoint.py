@@ -156,7 +156,7 @@ def dummy_weights(config: Grok1Config, seed: int) -> Iterator[tuple[str, object,
         # Embeddings at 2/sqrt(D): the tied output then gives logits of std ~1, so sampling from a
         # random model is varied rather than stuck on one token.
         fan_in = shape[-2] if "embeddings" not in name else shape[-1] / 4
-        w = rng.standard_normal(shape, dtype=np.float32) / np.sqrt(fan_in)
+        w = (rng.standard_normal(shape, dtype=np.float32) / np.sqrt(fan_in)).astype(np.float32)
         if scale_shape is None:
             yield name, w, "dummy", False
         else:

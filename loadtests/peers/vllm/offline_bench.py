@@ -204,6 +204,13 @@ def _rss_mib_tree() -> float | None:
     return round(total / 2**20, 1)
 
 
+def _loadavg() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if min(args.num_requests, args.prompt_len, args.output_len) < 1:
@@ -263,6 +270,7 @@ def main(argv: list[str] | None = None) -> int:
                      w_params, use_tqdm=False)
         warmup_s = time.perf_counter() - t0
 
+    load_before = _loadavg()
     runs = []
     for _ in range(max(1, args.repeat)):
         t0 = time.perf_counter()
@@ -274,6 +282,7 @@ def main(argv: list[str] | None = None) -> int:
                      "generated_tok_s": round(generated / elapsed, 2)})
     best = max(runs, key=lambda r: r["generated_tok_s"])
     rss = _rss_mib_tree()
+    load_after = _loadavg()
     settings_env = env_snapshot()  # vLLM adds LD_PRELOAD etc. during init
 
     cache = {}
@@ -313,6 +322,9 @@ def main(argv: list[str] | None = None) -> int:
         "python": platform.python_version(),
         "cpu": cpu_info(),
         "rss_mib_after": rss,
+        # 1-minute load average around the timed runs: a value well above
+        # the worker's thread count means something else shared the CPUs.
+        "loadavg_1m": {"before": load_before, "after": load_after},
         "model": {k: model_cfg.get(k) for k in (
             "architectures", "hidden_size", "intermediate_size",
             "num_attention_heads", "num_key_value_heads", "head_dim",

@@ -1,0 +1,374 @@
+"""The gRPC API (`grok_serve.v1.Generation`, proto/grok_serve.proto) with health and reflection.
+
+The servicer talks to the engine only through an `EngineClient`, so the same code serves an
+in-process `AsyncEngine` (`AsyncEngineClient`) and a Ray Serve deployment handle. Requests that can
+never be served are rejected before anything is queued; a call that ends early (cancelled, past its
+deadline, connection lost) aborts its request so the engine frees the KV blocks at once.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from collections.abc import Sequence as Seq
+from typing import Protocol, runtime_checkable
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from services.engine.async_engine import AsyncEngine, EngineDeadError
+from services.engine.outputs import CompletionOutput, RequestOutput
+from services.engine.sampling_params import SamplingParams
+from services.gateway.errors import QueueFullError
+from services.gateway.proto import grok_serve_pb2 as pb
+from services.gateway.proto import grok_serve_pb2_grpc as pb_grpc
+from services.model.tokenizer import Tokenizer, check_id
+
+logger = logging.getLogger(__name__)
+
+GENERATION_SERVICE = pb.DESCRIPTOR.services_by_name["Generation"].full_name
+# Load balancers and Kubernetes probes must reach health without holding an API key.
+_OPEN_METHOD_PREFIX = f"/{health.SERVICE_NAME}/"
+# The trailer gRPC clients read as the server's retry pushback (gRFC A6).
+RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"
+
+_OPTIONAL_PARAMS = ("n", "temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty",
+                    "frequency_penalty", "repetition_penalty", "max_tokens", "min_tokens", "logprobs",
+                    "skip_special_tokens")
+_FINISH_REASONS = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH,
+                   "abort": pb.FINISH_REASON_ABORT}
+
+
+@runtime_checkable
+class EngineClient(Protocol):
+    """What the gRPC (and HTTP) gateway needs from an engine, wherever it runs.
+
+    `generate` yields the request's `RequestOutput` increments, the last with `finished`; closing the
+    iterator early should abort the request, and `abort` must as well (and ignore unknown ids: the
+    gateway may abort a request that already finished). Failures are reported as: `ValueError` for a
+    request that cannot be served, `QueueFullError` (services.gateway.errors) when it cannot be taken
+    now, `EngineDeadError` when the engine is gone. `is_healthy` is read on every health check, so it
+    must be cheap, and kept current by the client: requests are still attempted while it is False
+    (the engine client, not a cached flag, decides that the engine is gone).
+    """
+
+    @property
+    def tokenizer(self) -> Tokenizer: ...
+
+    @property
+    def max_model_len(self) -> int: ...
+
+    @property
+    def is_healthy(self) -> bool: ...
+
+    def generate(self, prompt_ids: Seq[int], params: SamplingParams,
+                 request_id: str) -> AsyncIterator[RequestOutput]: ...
+
+    async def abort(self, request_id: str) -> None: ...
+
+
+class AsyncEngineClient:
+    """`EngineClient` over an `AsyncEngine` in this process."""
+
+    def __init__(self, engine: AsyncEngine):
+        self.engine = engine
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self.engine.engine.tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.engine.max_model_len
+
+    @property
+    def is_healthy(self) -> bool:
+        return self.engine.is_healthy
+
+    def generate(self, prompt_ids: Seq[int], params: SamplingParams,
+                 request_id: str) -> AsyncIterator[RequestOutput]:
+        return self.engine.generate(prompt_ids, params, request_id)
+
+    async def abort(self, request_id: str) -> None:
+        await self.engine.abort(request_id)
+
+
+class _Rejected(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str, trailers: tuple = ()):
+        super().__init__(message)
+        self.code, self.message, self.trailers = code, message, trailers
+
+
+def _status_of(exc: Exception, request_id: str | None) -> _Rejected:
+    if isinstance(exc, _Rejected):
+        return exc
+    if isinstance(exc, ValueError):
+        return _Rejected(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+    if isinstance(exc, QueueFullError):
+        trailers = () if exc.retry_after_s is None else (
+            (RETRY_PUSHBACK_KEY, str(max(0, round(exc.retry_after_s * 1000)))),)
+        return _Rejected(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc), trailers)
+    if isinstance(exc, EngineDeadError):
+        return _Rejected(grpc.StatusCode.UNAVAILABLE, str(exc))
+    logger.error("request %s failed", request_id, exc_info=exc)
+    return _Rejected(grpc.StatusCode.INTERNAL, f"internal error (request {request_id})")
+
+
+def sampling_params_from_proto(msg: pb.SamplingParams) -> SamplingParams:
+    """Unset optional fields keep SamplingParams' defaults; raises ValueError naming a bad field."""
+    given = {name: getattr(msg, name) for name in _OPTIONAL_PARAMS if msg.HasField(name)}
+    return SamplingParams(stop=tuple(msg.stop), stop_token_ids=tuple(msg.stop_token_ids),
+                          ignore_eos=msg.ignore_eos, **given)
+
+
+def _sequence_to_proto(out: CompletionOutput) -> pb.SequenceOutput:
+    msg = pb.SequenceOutput(index=out.index, token_ids=out.token_ids, text=out.text,
+                            finish_reason=_FINISH_REASONS.get(out.finish_reason,
+                                                              pb.FINISH_REASON_UNSPECIFIED))
+    if out.logprobs is not None:
+        tops = out.top_logprobs or [[] for _ in out.logprobs]
+        msg.logprobs.extend(
+            pb.TokenLogprob(token_id=token, logprob=lp,
+                            top_logprobs=[pb.Logprob(token_id=t, logprob=v) for t, v in top])
+            for token, lp, top in zip(out.token_ids, out.logprobs, tops))
+    # bool is an int too, but the engine never reports one; check str first to keep that obvious.
+    if isinstance(out.stop_reason, str):
+        msg.stop_string = out.stop_reason
+    elif isinstance(out.stop_reason, int):
+        msg.stop_token_id = out.stop_reason
+    return msg
+
+
+def response_to_proto(out: RequestOutput) -> pb.GenerateResponse:
+    usage = out.usage
+    return pb.GenerateResponse(
+        request_id=out.request_id, finished=out.finished,
+        outputs=[_sequence_to_proto(o) for o in out.outputs],
+        usage=pb.Usage(prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
+                       total_tokens=usage.total_tokens, cached_tokens=usage.cached_tokens))
+
+
+def _merge_responses(parts: list[pb.GenerateResponse]) -> pb.GenerateResponse:
+    """The whole completion from stream increments, as the unary call returns it."""
+    merged: dict[int, pb.SequenceOutput] = {}
+    texts: dict[int, list[str]] = {}
+    for part in parts:
+        for inc in part.outputs:
+            # MergeFrom appends repeated fields and keeps a set finish/stop reason, but it would
+            # replace the text, which is joined separately.
+            merged.setdefault(inc.index, pb.SequenceOutput()).MergeFrom(inc)
+            texts.setdefault(inc.index, []).append(inc.text)
+    last = parts[-1]
+    for index, seq in merged.items():
+        seq.text = "".join(texts[index])
+    return pb.GenerateResponse(request_id=last.request_id, finished=last.finished, usage=last.usage,
+                               outputs=[merged[i] for i in sorted(merged)])
+
+
+class GenerationServicer(pb_grpc.GenerationServicer):
+    def __init__(self, client: EngineClient, tokenizer: Tokenizer):
+        self._client = client
+        self._tokenizer = tokenizer
+
+    # --- admission: everything that can be checked before the engine sees the request ------------
+    def _encode(self, text: str, add_bos: bool) -> list[int]:
+        try:
+            return self._tokenizer.encode(text, add_bos=add_bos)
+        except TypeError as exc:
+            raise ValueError(str(exc)) from None
+
+    def _prompt_ids(self, request: pb.GenerateRequest) -> list[int]:
+        kind = request.WhichOneof("prompt")
+        if kind == "text":
+            ids = self._encode(request.text, request.add_bos)
+        elif kind == "token_ids":
+            if request.add_bos:
+                raise ValueError("add_bos applies to a text prompt only; put the BOS id in token_ids")
+            ids = list(request.token_ids.ids)
+            for token_id in ids:
+                check_id(token_id, self._tokenizer.vocab_size)
+        else:
+            raise ValueError("prompt: set either text or token_ids")
+        if not ids:
+            raise ValueError("the prompt is empty")
+        return ids
+
+    def _admit(self, request: pb.GenerateRequest, context) -> tuple[list[int], SamplingParams]:
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= 0:
+            raise _Rejected(grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed before generation")
+        prompt_ids = self._prompt_ids(request)
+        params = sampling_params_from_proto(request.sampling_params)
+        # The engine checks this too, but a remote engine would only do so after queueing.
+        limit = self._client.max_model_len
+        wanted = params.max_tokens or 1
+        if len(prompt_ids) + wanted > limit:
+            raise ValueError(f"this model's maximum context length is {limit} tokens; the request has "
+                             f"{len(prompt_ids)} prompt tokens and asks for {wanted} more")
+        return prompt_ids, params
+
+    # --- generation ------------------------------------------------------------------------------
+    async def _responses(self, request: pb.GenerateRequest, context,
+                         request_id: str) -> AsyncIterator[pb.GenerateResponse]:
+        prompt_ids, params = self._admit(request, context)
+        stream = self._client.generate(prompt_ids, params, request_id)
+        finished = False
+        try:
+            async for out in stream:
+                finished = out.finished
+                yield response_to_proto(out)
+        finally:
+            if not finished:
+                # Runs on cancellation and deadlines too: the engine must not keep decoding for
+                # nobody. Shielded so a second cancellation cannot skip the abort.
+                close = getattr(stream, "aclose", None)
+                if close is not None:
+                    await asyncio.shield(close())
+                await asyncio.shield(self._client.abort(request_id))
+
+    async def GenerateStream(self, request, context):
+        request_id = f"grpc-{uuid.uuid4().hex}"
+        try:
+            async for response in self._responses(request, context, request_id):
+                yield response
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a status code
+            status = _status_of(exc, request_id)
+            await context.abort(status.code, status.message, status.trailers)
+
+    async def Generate(self, request, context):
+        request_id = f"grpc-{uuid.uuid4().hex}"
+        try:
+            parts = [response async for response in self._responses(request, context, request_id)]
+            return _merge_responses(parts)
+        except Exception as exc:  # noqa: BLE001
+            status = _status_of(exc, request_id)
+            await context.abort(status.code, status.message, status.trailers)
+
+    # --- tokenizer -------------------------------------------------------------------------------
+    async def Tokenize(self, request, context):
+        try:
+            ids = self._encode(request.text, request.add_bos)
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        return pb.TokenizeResponse(token_ids=ids, max_model_len=self._client.max_model_len)
+
+    async def Detokenize(self, request, context):
+        skip = request.skip_special_tokens if request.HasField("skip_special_tokens") else True
+        try:
+            text = self._tokenizer.decode(list(request.token_ids), skip_special=skip)
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        return pb.DetokenizeResponse(text=text)
+
+
+class EngineHealthServicer(health.aio.HealthServicer):
+    """grpc.health.v1 that follows the engine: SERVING while `client.is_healthy`, else NOT_SERVING.
+
+    The engine has no callback for dying, so the status is read on each Check and polled while a
+    Watch is open.
+    """
+
+    def __init__(self, client: EngineClient, services: Seq[str], poll_s: float = 1.0):
+        super().__init__()
+        self._client = client
+        self._services = ("", *services)  # "" is the server as a whole
+        self._poll_s = poll_s
+
+    async def refresh(self) -> None:
+        status = (health_pb2.HealthCheckResponse.SERVING if self._client.is_healthy
+                  else health_pb2.HealthCheckResponse.NOT_SERVING)
+        for service in self._services:
+            await self.set(service, status)
+
+    async def Check(self, request, context):
+        await self.refresh()
+        return await super().Check(request, context)
+
+    async def Watch(self, request, context):
+        async def poll() -> None:
+            while True:
+                await self.refresh()
+                await asyncio.sleep(self._poll_s)
+
+        await self.refresh()  # the first reply must not race the poller
+        poller = asyncio.ensure_future(poll())
+        try:
+            await super().Watch(request, context)
+        finally:
+            poller.cancel()
+
+
+class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
+    """Requires `authorization: Bearer <key>` metadata on every method but health checks."""
+
+    def __init__(self, api_keys: frozenset[str]):
+        # Comparing digests keeps the comparison's time independent of the keys' lengths as well.
+        self._digests = tuple(_digest(key) for key in api_keys)
+
+    def authorized(self, metadata) -> bool:
+        value = next((v for k, v in metadata or () if k == "authorization"), None)
+        if not isinstance(value, str):
+            return False
+        scheme, _, token = value.strip().partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            return False
+        digest = _digest(token.strip())
+        # Compare with every key, so the time does not reveal which one matched.
+        return any([hmac.compare_digest(digest, key) for key in self._digests])  # noqa: C419
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if (handler is None or details.method.startswith(_OPEN_METHOD_PREFIX)
+                or self.authorized(details.invocation_metadata)):
+            return handler
+        return _unauthenticated(handler)
+
+
+def _digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode("utf-8")).digest()
+
+
+def _unauthenticated(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    async def deny(request_or_iterator, context):
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                            "missing or invalid API key (metadata 'authorization: Bearer <key>')")
+
+    kinds = ((handler.unary_unary, grpc.unary_unary_rpc_method_handler),
+             (handler.unary_stream, grpc.unary_stream_rpc_method_handler),
+             (handler.stream_unary, grpc.stream_unary_rpc_method_handler),
+             (handler.stream_stream, grpc.stream_stream_rpc_method_handler))
+    make = next(factory for behaviour, factory in kinds if behaviour is not None)
+    return make(deny, request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+
+
+def build_grpc_server(client: EngineClient, tokenizer: Tokenizer | None = None,
+                      api_keys: frozenset[str] | None = None, host: str = "127.0.0.1",
+                      port: int = 50051) -> grpc.aio.Server:
+    """A grpc.aio server (not started) with Generation, grpc.health.v1 and server reflection.
+
+    `tokenizer` defaults to the client's. `api_keys=None` turns authentication off; an empty set is
+    refused rather than read as "nobody may call". Port 0 binds a free port (logged). Call
+    `await server.start()` and, to stop, `await server.stop(grace)` in the event loop that serves the
+    engine client.
+    """
+    if api_keys is not None and not api_keys:
+        raise ValueError("api_keys must be None (no authentication) or a non-empty set of keys")
+    tokenizer = tokenizer if tokenizer is not None else client.tokenizer
+    interceptors = [ApiKeyInterceptor(frozenset(api_keys))] if api_keys else []
+    # grpc enables SO_REUSEPORT by default, which would let a second server silently share the port.
+    server = grpc.aio.server(interceptors=interceptors, options=[("grpc.so_reuseport", 0)])
+    pb_grpc.add_GenerationServicer_to_server(GenerationServicer(client, tokenizer), server)
+    health_pb2_grpc.add_HealthServicer_to_server(
+        EngineHealthServicer(client, [GENERATION_SERVICE]), server)
+    reflection.enable_server_reflection(
+        (GENERATION_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    bound = server.add_insecure_port(address)
+    if port == 0:
+        logger.info("gRPC server bound to port %d", bound)
+    return server

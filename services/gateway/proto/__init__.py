@@ -1,0 +1,1 @@
+"""Generated protobuf and gRPC modules for grok_serve.proto (regenerate with generate.sh)."""

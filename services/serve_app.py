@@ -1,0 +1,241 @@
+"""The Ray Serve application: an HTTP gateway deployment in front of an engine deployment.
+
+    client --HTTP--> GrokGateway (FastAPI, tokenizes, validates) --DeploymentHandle, streaming--> GrokEngine
+
+One engine replica is one model instance holding an `AsyncEngine`; Serve queues, limits
+(`max_ongoing_requests`, `max_queued_requests`), autoscales and health-checks the replicas. The gateway
+streams each request's outputs from the engine through `handle.options(stream=True)`; when the client
+goes away the gateway cancels that call, the replica's generator is cancelled and the engine aborts
+the request.
+
+Entry points: `build_app(args)` for `serve run services.serve_app:build_app config=deploy/local-cpu.yaml`
+or a Serve config file's `import_path`, and `build_application(AppConfig)` for code
+(`grok-serve up`, tests).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import AsyncIterator, Mapping, Sequence as Seq
+from pathlib import Path
+from typing import Any
+
+from ray import serve
+from ray.exceptions import RayActorError, RayTaskError, TaskCancelledError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
+from ray.serve.handle import DeploymentHandle
+
+from services.engine.async_engine import AsyncEngine, EngineDeadError
+from services.engine.outputs import RequestOutput
+from services.engine.sampling_params import SamplingParams
+from services.gateway.config import AppConfig, load_config
+from services.gateway.errors import EngineUnavailableError, QueueFullError
+from services.gateway.openai_api import LocalEngineClient, ModelInfo, build_context, create_app
+from services.model.tokenizer import Tokenizer, load_tokenizer
+
+logger = logging.getLogger(__name__)
+
+_UNAVAILABLE = (RayActorError, DeploymentUnavailableError, ReplicaUnavailableError, TaskCancelledError)
+
+
+def _translate(exc: Exception) -> Exception:
+    """Ray's failure types to the engine-client contract (ValueError / QueueFull / EngineDead)."""
+    if isinstance(exc, BackPressureError):
+        return QueueFullError(f"the engine's request queue is full ({exc})", exc.retry_after_s)
+    if isinstance(exc, RayTaskError):
+        cause = exc.cause
+        if isinstance(cause, ValueError):
+            return ValueError(str(cause))
+        if isinstance(cause, EngineDeadError):
+            return EngineUnavailableError(str(cause))
+        return RuntimeError(f"engine call failed: {cause!r}")
+    if isinstance(exc, _UNAVAILABLE):
+        return EngineUnavailableError(f"engine replica unavailable: {type(exc).__name__}")
+    return exc
+
+
+class ServeEngineClient:
+    """`EngineClient` over the engine deployment's handle."""
+
+    def __init__(self, handle: DeploymentHandle, info: ModelInfo, tokenizer: Tokenizer, timeout_s: float):
+        self._handle = handle
+        self._stream = handle.options(stream=True)
+        self._info = info
+        self._tokenizer = tokenizer
+        self._timeout_s = timeout_s
+        self._healthy = True  # last known: refreshed by check_health and by failed calls
+        self._active: dict[str, Any] = {}
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self._tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        return self._info.max_model_len
+
+    @property
+    def model_info(self) -> ModelInfo:
+        return self._info
+
+    @property
+    def is_healthy(self) -> bool:
+        return self._healthy
+
+    async def generate(self, prompt_ids: Seq[int], params: SamplingParams,
+                       request_id: str) -> AsyncIterator[RequestOutput]:
+        response = self._stream.generate.remote(list(prompt_ids), params, request_id)
+        self._active[request_id] = response
+        finished = False
+        try:
+            async for out in response:
+                finished = out.finished
+                yield out
+        except Exception as exc:  # noqa: BLE001 - translated, not swallowed
+            translated = _translate(exc)
+            if isinstance(translated, EngineDeadError):
+                self._healthy = False
+            raise translated from exc
+        finally:
+            self._active.pop(request_id, None)
+            if not finished:
+                # The replica's generator is cancelled; its finally makes the engine abort the request.
+                _cancel(response)
+
+    async def abort(self, request_id: str) -> None:
+        response = self._active.get(request_id)
+        if response is not None:
+            _cancel(response)
+
+    async def check_health(self) -> None:
+        try:
+            await asyncio.wait_for(self._handle.health.remote(), self._timeout_s)
+        except asyncio.TimeoutError:
+            self._healthy = False
+            raise EngineUnavailableError(f"the engine did not answer within {self._timeout_s} s") from None
+        except Exception as exc:  # noqa: BLE001
+            self._healthy = False
+            translated = _translate(exc)
+            raise (translated if isinstance(translated, EngineDeadError)
+                   else EngineUnavailableError(str(translated))) from exc
+        self._healthy = True
+
+    async def metrics_snapshot(self) -> dict[str, Any]:
+        return await asyncio.wait_for(self._handle.metrics_snapshot.remote(), self._timeout_s)
+
+
+def _cancel(response: Any) -> None:
+    try:
+        response.cancel()
+    except Exception:  # noqa: BLE001 - a call that failed to be assigned re-raises that failure here
+        pass
+
+
+def _replica_id() -> str:
+    try:
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # noqa: BLE001 - outside a replica (direct construction in tests)
+        return uuid.uuid4().hex[:8]
+
+
+@serve.deployment(name="GrokEngine")
+class EngineDeployment:
+    """One model instance. With parallel_size > 1 the deployment reserves a STRICT_PACK placement
+    group whose bundles hold the other ranks (see `build_application`); this process is rank 0."""
+
+    def __init__(self, config: AppConfig):
+        from services.engine.engine import LLMEngine  # torch and the model load here, not in the gateway
+
+        self._client = LocalEngineClient(AsyncEngine(LLMEngine(config.engine)), replica=_replica_id())
+
+    async def generate(self, prompt_ids: list[int], params: SamplingParams,
+                       request_id: str) -> AsyncIterator[RequestOutput]:
+        # Cancelling this call (client gone) closes the engine's stream, which aborts the request.
+        async for out in self._client.generate(prompt_ids, params, request_id):
+            yield out
+
+    def model_info(self) -> ModelInfo:
+        return self._client.model_info
+
+    async def metrics_snapshot(self) -> dict[str, Any]:
+        return await self._client.metrics_snapshot()
+
+    async def health(self) -> None:
+        await self._client.check_health()
+
+    async def check_health(self) -> None:
+        # Serve calls this periodically; raising marks the replica unhealthy and it is replaced.
+        await self._client.check_health()
+
+    async def __del__(self) -> None:
+        # Serve has already let in-flight requests finish (graceful_shutdown_timeout_s).
+        await self._client.engine.shutdown()
+
+
+@serve.deployment(name="GrokGateway")
+@serve.ingress()
+class GatewayDeployment:
+    async def __init__(self, engine: DeploymentHandle, config: AppConfig):
+        info: ModelInfo = await engine.model_info.remote()
+        model_dir = Path(info.source) if Path(info.source).is_dir() else None
+        tokenizer = load_tokenizer(model_dir, info.vocab_size)
+        client = ServeEngineClient(engine, info, tokenizer, config.engine_call_timeout_s)
+        self._context = build_context(config, client)
+        self._grpc = None
+        if config.grpc_port is not None:
+            # The gRPC front end (services/gateway/grpc_server.py) shares this process and engine
+            # client; it is imported only when configured.
+            from services.gateway.grpc_server import build_grpc_server
+
+            keys = self._context.keys.keys or None
+            self._grpc = build_grpc_server(client, tokenizer, keys, config.host, config.grpc_port)
+            await self._grpc.start()
+
+    def __serve_build_asgi_app__(self):
+        return create_app(self._context)
+
+    async def __del__(self) -> None:
+        if self._grpc is not None:
+            await self._grpc.stop(self._context.config.gateway_deployment.graceful_shutdown_timeout_s)
+
+
+def engine_options(config: AppConfig) -> dict[str, Any]:
+    d = config.engine_deployment
+    options: dict[str, Any] = {
+        "max_ongoing_requests": d.max_ongoing_requests,
+        "max_queued_requests": d.max_queued_requests,
+        "graceful_shutdown_timeout_s": d.graceful_shutdown_timeout_s,
+        "health_check_period_s": d.health_check_period_s,
+        "health_check_timeout_s": d.health_check_timeout_s,
+        "ray_actor_options": {"num_cpus": d.num_cpus, "num_gpus": d.num_gpus},
+    }
+    if d.autoscaling is not None:
+        options["autoscaling_config"] = d.autoscaling.to_serve()
+    else:
+        options["num_replicas"] = d.num_replicas
+    if d.parallel_size > 1:
+        # Rank 0 runs in the replica (bundle 0); ranks 1.. are actors placed in the other bundles.
+        options["placement_group_bundles"] = [{"CPU": d.num_cpus, "GPU": d.num_gpus}] * d.parallel_size
+        options["placement_group_strategy"] = "STRICT_PACK"
+    return options
+
+
+def gateway_options(config: AppConfig) -> dict[str, Any]:
+    g = config.gateway_deployment
+    return {"num_replicas": g.num_replicas, "max_ongoing_requests": g.max_ongoing_requests,
+            "graceful_shutdown_timeout_s": g.graceful_shutdown_timeout_s,
+            "ray_actor_options": {"num_cpus": g.num_cpus}}
+
+
+def build_application(config: AppConfig) -> serve.Application:
+    engine = EngineDeployment.options(**engine_options(config)).bind(config)
+    return GatewayDeployment.options(**gateway_options(config)).bind(engine, config)
+
+
+def build_app(args: Mapping[str, Any] | None = None) -> serve.Application:
+    """Serve's app builder: `config` names a YAML file; every other key overrides an option (dotted
+    keys reach nested sections: `engine.max_model_len=512`)."""
+    args = dict(args or {})
+    path = args.pop("config", None)
+    return build_application(load_config(path, args))
