@@ -31,17 +31,20 @@ def test_seeded_sampling_is_independent_of_the_batch(llm):
 
 def test_stop_string_spanning_tokens_is_cut(llm):
     # Whatever the random model writes, a stop string made of the text of tokens 3..5 of a greedy run
-    # must end the same run right before it.
-    base = llm.generate(["Hello"], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))[0]
-    text = base.outputs[0].text
-    tail_ids = base.outputs[0].token_ids[3:6]
-    stop = llm.tokenizer.decode(tail_ids)
-    if not stop or stop not in text:
-        pytest.skip("the random model's text has no decodable stretch here")
-    out = llm.generate(["Hello"], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True,
-                                                 stop=[stop]))[0].outputs[0]
+    # (several tokens, so it spans token boundaries) must end the same run right before it.
+    greedy = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    for prompt in ("Hello", "The answer", "Grok", "abc", "x = 1", "Once upon"):
+        base = llm.generate([prompt], greedy)[0].outputs[0]
+        stop = llm.tokenizer.decode(base.token_ids[3:6])
+        if len(stop) >= 2 and base.text.count(stop) == 1 and llm.tokenizer.decode(base.token_ids[3:4]):
+            break
+    else:
+        pytest.fail("no greedy run with a usable stretch of text")
+    out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True,
+                                                stop=[stop]))[0].outputs[0]
     assert out.finish_reason == "stop" and out.stop_reason == stop
-    assert out.text == text[:text.find(stop)]
+    assert out.text == base.text[:base.text.find(stop)]
+    assert len(out.token_ids) < len(base.token_ids)
 
 
 def test_n_sequences_share_the_prompt(llm):
