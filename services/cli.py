@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="grok-serve", description="Serve the Grok-1 model.")
     sub = parser.add_subparsers(dest="command", required=True)
 
+    from services.gateway.launcher import add_up_parser
+    add_up_parser(sub)
+
     gen = sub.add_parser("generate", help="generate a continuation of one prompt")
     gen.add_argument("--model", default="tiny", help="preset (tiny, cpu-bench, grok-1) or checkpoint directory")
     src = gen.add_mutually_exclusive_group()

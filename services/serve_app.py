@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
-from collections.abc import AsyncIterator, Mapping, Sequence as Seq
+from collections.abc import AsyncIterator, Mapping
+from collections.abc import Sequence as Seq
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +68,7 @@ class ServeEngineClient:
         self._timeout_s = timeout_s
         self._healthy = True  # last known: refreshed by check_health and by failed calls
         self._active: dict[str, Any] = {}
+        self._last_output = float("-inf")  # monotonic time of the last output any stream received
 
     @property
     def tokenizer(self) -> Tokenizer:
@@ -91,11 +94,13 @@ class ServeEngineClient:
         try:
             async for out in response:
                 finished = out.finished
+                self._last_output = time.monotonic()
                 yield out
-        except Exception as exc:  # noqa: BLE001 - translated, not swallowed
+        except Exception as exc:
             translated = _translate(exc)
             if isinstance(translated, EngineDeadError):
                 self._healthy = False
+                self._last_output = float("-inf")
             raise translated from exc
         finally:
             self._active.pop(request_id, None)
@@ -109,12 +114,20 @@ class ServeEngineClient:
             _cancel(response)
 
     async def check_health(self) -> None:
+        # A saturated engine queues this call behind generation requests (every call counts against
+        # max_ongoing_requests): outputs streaming in right now prove it is alive without asking.
+        if self._active and time.monotonic() - self._last_output < self._timeout_s:
+            self._healthy = True
+            return
         try:
             await asyncio.wait_for(self._handle.health.remote(), self._timeout_s)
+        except BackPressureError:
+            self._healthy = True  # alive, only busy: its queue is full
+            return
         except asyncio.TimeoutError:
             self._healthy = False
             raise EngineUnavailableError(f"the engine did not answer within {self._timeout_s} s") from None
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             self._healthy = False
             translated = _translate(exc)
             raise (translated if isinstance(translated, EngineDeadError)
@@ -128,8 +141,8 @@ class ServeEngineClient:
 def _cancel(response: Any) -> None:
     try:
         response.cancel()
-    except Exception:  # noqa: BLE001 - a call that failed to be assigned re-raises that failure here
-        pass
+    except Exception:  # a call that failed to be assigned re-raises that failure here
+        logger.debug("cancel of a failed engine call", exc_info=True)
 
 
 def _replica_id() -> str:
@@ -193,7 +206,7 @@ class GatewayDeployment:
             await self._grpc.start()
 
     def __serve_build_asgi_app__(self):
-        return create_app(self._context)
+        return create_app(self._context, echo_request_id=False)
 
     async def __del__(self) -> None:
         if self._grpc is not None:

@@ -2,6 +2,8 @@
 driven with the official openai client and raw HTTP."""
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import json
 import math
 
@@ -9,6 +11,8 @@ import httpx
 import openai
 import pytest
 
+from services.gateway.openai_api import build_context, create_app
+from services.gateway.protocol import ChatCompletionRequest
 from tests.test_gateway_support import LocalServer, metric, tiny_config, wait_until
 
 pytestmark = pytest.mark.timeout(120)
@@ -199,3 +203,23 @@ def test_multiple_prompts_stream_all_choices(server):
         choice = json.loads(event)["choices"][0]
         tokens.setdefault(choice["index"], []).extend(choice.get("token_ids") or [])
     assert {i: len(t) for i, t in tokens.items()} == {0: 3, 1: 3, 2: 3}
+
+
+def test_a_user_chat_template_and_its_stop_strings(server, tmp_path):
+    path = tmp_path / "chat.jinja"
+    path.write_text("{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
+                    "{% if add_generation_prompt %}<assistant>{% endif %}")
+    config = dataclasses.replace(server.context.config, chat_template=str(path), chat_template_stop=("</s>",))
+    context = build_context(config, server.client)
+    assert context.template.stop == ("</s>",)
+
+    async def tokenize():
+        transport = httpx.ASGITransport(create_app(context))
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+            return (await c.post("/tokenize", json={"messages": [{"role": "developer", "content": "Be brief"},
+                                                               {"role": "user", "content": "Hi"}]})).json()
+
+    tokens = asyncio.run(tokenize())["tokens"]
+    assert tokens == server.context.tokenizer.encode("<system>Be brief<user>Hi<assistant>")
+    request = ChatCompletionRequest(messages=[{"role": "user", "content": "Hi"}], stop="END")
+    assert request.sampling_params(4, None, context.template.stop).stop == ("END", "</s>")

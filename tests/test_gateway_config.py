@@ -96,3 +96,5 @@ def test_deployment_options():
     single = serve_app.engine_options(load_config(DEPLOY))
     assert single["num_replicas"] == 1 and "placement_group_bundles" not in single
     assert serve_app.gateway_options(load_config(DEPLOY))["ray_actor_options"] == {"num_cpus": 0.1}
+    app = serve_app.build_app({"config": str(DEPLOY), "engine.max_model_len": "512", "port": "8100"})
+    assert type(app).__name__ == "Application"

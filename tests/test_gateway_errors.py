@@ -172,3 +172,14 @@ def test_still_serving_after_all_of_it(server):
     out = post(server, "/v1/completions", {"prompt": "ok", "max_tokens": 3, "temperature": 0, "ignore_eos": True})
     assert out.status_code == 200 and out.json()["usage"]["completion_tokens"] == 3
     assert httpx.get(server.url + "/health").status_code == 200
+
+
+def test_a_dead_engine_is_503(server):
+    # Last in this module: the engine stays dead.
+    server.client.engine.error = RuntimeError("simulated failure")
+    health = httpx.get(server.url + "/health")
+    assert_error(health, 503, code="engine_unavailable")
+    assert int(health.headers["retry-after"]) >= 1
+    assert_error(post(server, "/v1/completions", COMPLETION), 503, code="engine_unavailable")
+    streamed = post(server, "/v1/chat/completions", {**CHAT, "stream": True})
+    assert_error(streamed, 503)

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
+from typing_extensions import Self
 
 from services.engine.async_engine import AsyncEngine
 from services.engine.config import EngineConfig
@@ -52,7 +53,7 @@ class LocalServer:
     def engine(self) -> LLMEngine:
         return self.client.engine.engine
 
-    def __enter__(self) -> LocalServer:
+    def __enter__(self) -> Self:
         self._thread.start()
         deadline = time.monotonic() + 30
         while not self._server.started:

@@ -225,8 +225,15 @@ def listen_socket(host: str) -> socket.socket:
 
 
 def master_store(rdv: Rendezvous, sock: socket.socket) -> dist.TCPStore:
-    return dist.TCPStore(rdv.host, rdv.port, rdv.size, True, timeout=_seconds(rdv.connect_timeout_s),
-                         wait_for_workers=False, master_listen_fd=sock.fileno())
+    """The store serves on `sock` and owns it from here on (it closes the descriptor when destroyed)."""
+    try:
+        store = dist.TCPStore(rdv.host, rdv.port, rdv.size, True, timeout=_seconds(rdv.connect_timeout_s),
+                              wait_for_workers=False, master_listen_fd=sock.fileno())
+    except BaseException:
+        sock.close()
+        raise
+    sock.detach()
+    return store
 
 
 def join(rdv: Rendezvous, rank: int, device: torch.device, store: dist.Store | None = None) -> RankGroup:
@@ -305,21 +312,22 @@ def _actor(cls, pg, bundle: int, use_gpu: bool):
 
     strategy = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=bundle)
     resources = {"num_gpus": 1, "num_cpus": 1} if use_gpu else {"num_cpus": 0.25}
-    return ray.remote(cls).options(scheduling_strategy=strategy, max_restarts=0, **resources)
+    # A second thread lets probes (pid, node_ip) answer while serve() occupies the first.
+    return ray.remote(cls).options(scheduling_strategy=strategy, max_restarts=0, max_concurrency=2, **resources)
 
 
 class ParallelGroup:
     """Rank 0's handle on the group: its model shard, the worker actors and the step channel."""
 
-    def __init__(self, rank0: RankGroup, model, workers: list, placement: Placement, sock: socket.socket,
-                 load_reports: tuple, collective_timeout_s: float):
+    def __init__(self, rank0: RankGroup, model, workers: list, placement: Placement, load_reports: tuple,
+                 collective_timeout_s: float):
         self.rank0, self.model, self.workers = rank0, model, workers
         self.load_reports = load_reports  # one LoadReport per rank, rank 0 first
         self.collective_timeout_s = collective_timeout_s
         self.error: ParallelGroupError | None = None
-        self._placement, self._sock = placement, sock
+        self._placement = placement
         self._loops: list = []
-        self._finalizer = weakref.finalize(self, _release, rank0, workers, placement, sock)
+        self._finalizer = weakref.finalize(self, _release, rank0, workers, placement)
 
     @property
     def size(self) -> int:
@@ -342,7 +350,6 @@ class ParallelGroup:
         use_gpu = device.type == "cuda"
         placement = place(size, use_gpu, timeout_s=120.0)
         workers = [_actor(RankWorker, placement.group, rank, use_gpu).remote() for rank in range(1, size)]
-        sock = None
         try:
             # Actors that cannot even start fail here, before anyone waits on a rendezvous.
             here = ray.util.get_node_ip_address()
@@ -352,7 +359,7 @@ class ParallelGroup:
                 device = torch.device("cuda", int(ray.get(placement.holder.gpu_id.remote())))
             sock = listen_socket(host)
             rdv = Rendezvous(host, sock.getsockname()[1], size, use_gpu, config.collective_timeout_s)
-            store = master_store(rdv, sock)
+            store = master_store(rdv, sock)  # owns the socket from here on
             spec = RankSpec(rdv, config.model, config.dtype, config.load_format, config.seed,
                             "cuda" if use_gpu else config.device)
             setups = [w.setup.remote(spec, rank) for rank, w in enumerate(workers, start=1)]
@@ -360,9 +367,9 @@ class ParallelGroup:
             model, report0 = load_shard(spec, 0, rank0.comm, device)
             reports = (report0, *ray.get(setups))
         except BaseException:
-            _release(None, workers, placement, sock)
+            _release(None, workers, placement)
             raise
-        group = cls(rank0, model, workers, placement, sock, reports, config.collective_timeout_s)
+        group = cls(rank0, model, workers, placement, reports, config.collective_timeout_s)
         group._loops = [w.serve.remote() for w in workers]
         return group
 
@@ -417,7 +424,7 @@ class ParallelGroup:
         self._finalizer()
 
 
-def _release(rank0: RankGroup | None, workers: list, placement: Placement, sock: socket.socket | None) -> None:
+def _release(rank0: RankGroup | None, workers: list, placement: Placement) -> None:
     ray = _ray()
     if rank0 is not None:
         rank0.abort()
@@ -433,5 +440,3 @@ def _release(rank0: RankGroup | None, workers: list, placement: Placement, sock:
                 ray.util.remove_placement_group(placement.group)
             except Exception:  # noqa: BLE001 - already gone
                 pass
-    if sock is not None:
-        sock.close()

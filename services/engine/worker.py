@@ -38,26 +38,49 @@ class LoadReport:
     rank: int
     size: int
     model_bytes: int  # the rank's model buffers (weights, norms, rotary tables)
-    peak_rss_delta_bytes: int  # growth of the process's peak resident set while loading
+    peak_rss_delta_bytes: int  # peak growth of the resident set while loading (PeakRss)
     device_peak_bytes: int  # CUDA: peak allocated while loading; 0 on CPU
     load_s: float
 
 
-def _peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+class PeakRss:
+    """Growth of the resident set at its peak during a block: Linux's high-water mark is reset first
+    (/proc/self/clear_refs), so earlier peaks of the process do not hide this one. Elsewhere, the growth
+    of getrusage's peak, which is only meaningful in a fresh process."""
+
+    def __enter__(self) -> "PeakRss":
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self._proc, self._base = True, _status_kib("VmRSS")
+        except OSError:
+            self._proc, self._base = False, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return self
+
+    def __exit__(self, *exc) -> None:
+        peak = _status_kib("VmHWM") if self._proc else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        self.bytes = max(0, peak - self._base) * 1024
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise OSError(f"/proc/self/status has no {field}")
 
 
 def load_shard(spec: RankSpec, rank: int, comm: Comm | None, device: torch.device) -> tuple[Grok1, LoadReport]:
-    """This rank's part of the model, and what loading it cost. The peak-RSS delta is only meaningful
-    in a process that has not peaked higher before (a fresh worker; see measure_load)."""
+    """This rank's part of the model, and what loading it cost."""
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
-    rss, started = _peak_rss_bytes(), time.perf_counter()
-    model = load_model(spec.model, spec.dtype, load_format=spec.load_format, seed=spec.seed,
-                       shard=Shard(rank, spec.rendezvous.size), comm=comm, device=device)
+    started = time.perf_counter()
+    with PeakRss() as rss:
+        model = load_model(spec.model, spec.dtype, load_format=spec.load_format, seed=spec.seed,
+                           shard=Shard(rank, spec.rendezvous.size), comm=comm, device=device)
     model_bytes = sum(b.numel() * b.element_size() for b in model.buffers())
-    report = LoadReport(rank, spec.rendezvous.size, model_bytes, _peak_rss_bytes() - rss,
+    report = LoadReport(rank, spec.rendezvous.size, model_bytes, rss.bytes,
                         torch.cuda.max_memory_allocated(device) if cuda else 0, time.perf_counter() - started)
     return model, report
 

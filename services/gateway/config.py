@@ -23,11 +23,15 @@ import yaml
 from services.engine.config import EngineConfig
 
 
+class ConfigError(ValueError):
+    """An invalid option (wrong type or out of range); callers catch it as a ValueError."""
+
+
 def _positive_int(owner: str, name: str, value: object, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{owner}.{name} must be a positive integer{' or null' if allow_none else ''}, "
+        raise ConfigError(f"{owner}.{name} must be a positive integer{' or null' if allow_none else ''}, "
                          f"got {value!r}")
 
 
@@ -35,20 +39,20 @@ def _non_negative_number(owner: str, name: str, value: object, positive: bool = 
     ok = (not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
           and (value > 0 if positive else value >= 0))
     if not ok:
-        raise ValueError(f"{owner}.{name} must be a {'positive' if positive else 'non-negative'} number, "
+        raise ConfigError(f"{owner}.{name} must be a {'positive' if positive else 'non-negative'} number, "
                          f"got {value!r}")
 
 
 def _bool(owner: str, name: str, value: object) -> None:
     if not isinstance(value, bool):
-        raise ValueError(f"{owner}.{name} must be true or false, got {value!r}")
+        raise ConfigError(f"{owner}.{name} must be true or false, got {value!r}")
 
 
 def _port(owner: str, name: str, value: object, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 65535:
-        raise ValueError(f"{owner}.{name} must be a TCP port in [0, 65535], got {value!r}")
+        raise ConfigError(f"{owner}.{name} must be a TCP port in [0, 65535], got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -65,7 +69,7 @@ class AuthConfig:
         for name in ("api_key_env", "api_key_file"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value.strip()):
-                raise ValueError(f"auth.{name} must be a non-empty string or null, got {value!r}")
+                raise ConfigError(f"auth.{name} must be a non-empty string or null, got {value!r}")
         _bool("auth", "open_health", self.open_health)
         _bool("auth", "open_metrics", self.open_metrics)
 
@@ -88,16 +92,16 @@ class AutoscalingConfig:
     def __post_init__(self) -> None:
         if isinstance(self.min_replicas, bool) or not isinstance(self.min_replicas, int) \
                 or self.min_replicas < 0:
-            raise ValueError(f"autoscaling.min_replicas must be an integer >= 0, got {self.min_replicas!r}")
+            raise ConfigError(f"autoscaling.min_replicas must be an integer >= 0, got {self.min_replicas!r}")
         _positive_int("autoscaling", "max_replicas", self.max_replicas)
         if self.max_replicas < self.min_replicas:
-            raise ValueError(f"autoscaling.max_replicas ({self.max_replicas}) is below min_replicas "
+            raise ConfigError(f"autoscaling.max_replicas ({self.max_replicas}) is below min_replicas "
                              f"({self.min_replicas})")
-        if self.initial_replicas is not None:
-            if isinstance(self.initial_replicas, bool) or not isinstance(self.initial_replicas, int) \
-                    or not self.min_replicas <= self.initial_replicas <= self.max_replicas:
-                raise ValueError(f"autoscaling.initial_replicas must be in [min_replicas, max_replicas], "
-                                 f"got {self.initial_replicas!r}")
+        initial = self.initial_replicas
+        if initial is not None and (isinstance(initial, bool) or not isinstance(initial, int)
+                                    or not self.min_replicas <= initial <= self.max_replicas):
+            raise ConfigError(f"autoscaling.initial_replicas must be in [min_replicas, max_replicas], "
+                              f"got {initial!r}")
         _non_negative_number("autoscaling", "target_ongoing_requests", self.target_ongoing_requests,
                              positive=True)
         _non_negative_number("autoscaling", "upscale_delay_s", self.upscale_delay_s)
@@ -141,12 +145,12 @@ class EngineDeploymentConfig:
         _positive_int(owner, "max_ongoing_requests", self.max_ongoing_requests)
         if isinstance(self.max_queued_requests, bool) or not isinstance(self.max_queued_requests, int) \
                 or not (self.max_queued_requests == -1 or self.max_queued_requests >= 1):
-            raise ValueError(f"{owner}.max_queued_requests must be -1 (unbounded) or a positive integer, "
+            raise ConfigError(f"{owner}.max_queued_requests must be -1 (unbounded) or a positive integer, "
                              f"got {self.max_queued_requests!r}")
         for name in ("graceful_shutdown_timeout_s", "health_check_period_s", "health_check_timeout_s"):
             _non_negative_number(owner, name, getattr(self, name), positive=True)
         if self.autoscaling is not None and not isinstance(self.autoscaling, AutoscalingConfig):
-            raise ValueError(f"{owner}.autoscaling must be a mapping or null")
+            raise ConfigError(f"{owner}.autoscaling must be a mapping or null")
 
 
 @dataclass(frozen=True)
@@ -186,21 +190,21 @@ class AppConfig:
 
     def __post_init__(self) -> None:
         if not isinstance(self.engine, EngineConfig):
-            raise ValueError("engine must be a mapping of engine options")
+            raise ConfigError("engine must be a mapping of engine options")
         if self.served_model_name is not None and (not isinstance(self.served_model_name, str)
                                                    or not self.served_model_name.strip()):
-            raise ValueError(f"served_model_name must be a non-empty string or null, "
+            raise ConfigError(f"served_model_name must be a non-empty string or null, "
                              f"got {self.served_model_name!r}")
         if self.chat_template is not None and not isinstance(self.chat_template, str):
-            raise ValueError(f"chat_template must be a file path or null, got {self.chat_template!r}")
+            raise ConfigError(f"chat_template must be a file path or null, got {self.chat_template!r}")
         stop = self.chat_template_stop
         if isinstance(stop, str):
             stop = (stop,)
         if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) and s for s in stop):
-            raise ValueError(f"chat_template_stop must be a list of non-empty strings, got {stop!r}")
+            raise ConfigError(f"chat_template_stop must be a list of non-empty strings, got {stop!r}")
         object.__setattr__(self, "chat_template_stop", tuple(stop))
         if not isinstance(self.host, str) or not self.host:
-            raise ValueError(f"host must be a non-empty string, got {self.host!r}")
+            raise ConfigError(f"host must be a non-empty string, got {self.host!r}")
         _port("app", "port", self.port)
         _port("app", "grpc_port", self.grpc_port, allow_none=True)
         _positive_int("app", "max_body_bytes", self.max_body_bytes)
@@ -245,12 +249,12 @@ def _from_string(text: str, hint: Any) -> Any:
 
 def _build(cls: type, data: Mapping[str, Any], where: str) -> Any:
     if not isinstance(data, Mapping):
-        raise ValueError(f"{where or 'the configuration'} must be a mapping, got {type(data).__name__}")
+        raise ConfigError(f"{where or 'the configuration'} must be a mapping, got {type(data).__name__}")
     hints = _hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise ValueError(f"unknown option(s) {', '.join(where + k for k in unknown)}; "
+        raise ConfigError(f"unknown option(s) {', '.join(where + k for k in unknown)}; "
                          f"known: {', '.join(sorted(names))}")
     kwargs = {}
     for name, value in data.items():
@@ -266,7 +270,7 @@ def _build(cls: type, data: Mapping[str, Any], where: str) -> Any:
     try:
         return cls(**kwargs)
     except TypeError as exc:
-        raise ValueError(f"{where or 'configuration'}: {exc}") from None
+        raise ConfigError(f"{where or 'configuration'}: {exc}") from None
 
 
 def _merge(base: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
@@ -289,15 +293,15 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ValueError(f"configuration file not found: {path}") from None
+        raise ConfigError(f"configuration file not found: {path}") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ValueError(f"{path}: not valid YAML: {exc}") from None
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: the top level must be a mapping, got {type(data).__name__}")
+        raise ConfigError(f"{path}: the top level must be a mapping, got {type(data).__name__}")
     return data
 
 

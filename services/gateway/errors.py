@@ -10,7 +10,6 @@ too: they are what the HTTP and gRPC front ends translate to 429 and 503.
 from __future__ import annotations
 
 import logging
-from http import HTTPStatus
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -168,9 +167,3 @@ def install_error_handlers(app: FastAPI) -> None:
         error.status, error.type = 500, "server_error"
         return error_response(error)
 
-
-def reason_phrase(status: int) -> str:
-    try:
-        return HTTPStatus(status).phrase
-    except ValueError:
-        return "Unknown"

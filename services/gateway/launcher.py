@@ -116,10 +116,27 @@ def cmd_up(args: argparse.Namespace) -> int:
         print(f"received {signal.Signals(signum).name}: shutting down", file=sys.stderr, flush=True)
     finally:
         try:
-            if joining:
-                serve.delete(APP_NAME)
-            else:
+            # Deleting the app first lets its replicas drain in-flight streams through the still-running
+            # HTTP proxy; serve.shutdown() alone stops the proxy at once and cuts them.
+            serve.delete(APP_NAME)
+            if not joining:
                 serve.shutdown()
         finally:
             ray.shutdown()
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m services.gateway.launcher up ...`: the same command outside the `grok-serve` CLI."""
+    parser = argparse.ArgumentParser(prog="grok-serve")
+    add_up_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -18,7 +18,8 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Sequence as Seq
+from collections.abc import AsyncIterator, Awaitable
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -26,16 +27,24 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from services.gateway import protocol as p
-from services.gateway.auth import ApiKeyMiddleware, ApiKeys, BodyLimitMiddleware
-from services.gateway.config import AppConfig
-from services.gateway.errors import (ApiError, BadRequestError, NotFoundError, QueueFullError, bad_request,
-                                     engine_unavailable, install_error_handlers, queue_full)
-from services.gateway.metrics import GatewayMetrics, HttpMetricsMiddleware, engine_snapshot
-from services.gateway.protocol import Choice, chat_logprobs, completion_logprobs
 from services.engine.async_engine import AsyncEngine, EngineDeadError
 from services.engine.outputs import RequestOutput
 from services.engine.sampling_params import SamplingParams
+from services.gateway import protocol as p
+from services.gateway.auth import ApiKeyMiddleware, ApiKeys, BodyLimitMiddleware
+from services.gateway.config import AppConfig
+from services.gateway.errors import (
+    ApiError,
+    BadRequestError,
+    NotFoundError,
+    QueueFullError,
+    bad_request,
+    engine_unavailable,
+    install_error_handlers,
+    queue_full,
+)
+from services.gateway.metrics import GatewayMetrics, HttpMetricsMiddleware, engine_snapshot
+from services.gateway.protocol import Choice, chat_logprobs, completion_logprobs
 from services.model.chat_template import ChatTemplate
 from services.model.tokenizer import Tokenizer
 
@@ -181,10 +190,14 @@ def build_context(config: AppConfig, engine: EngineClient, keys: ApiKeys | None 
 
 
 class RequestIdMiddleware:
-    """Takes X-Request-Id from the client (when it is a sane token) or makes one, and returns it."""
+    """Takes X-Request-Id from the client (when it is a sane token) or makes one, and returns it.
 
-    def __init__(self, app):
+    Behind Ray Serve's proxy the header always arrives (the proxy forwards the client's or makes its
+    own) and the proxy returns it itself: then `echo=False`, or the answer would carry it twice."""
+
+    def __init__(self, app, echo: bool = True):
         self.app = app
+        self.echo = echo
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -195,7 +208,7 @@ class RequestIdMiddleware:
         scope.setdefault("state", {})["request_id"] = request_id
 
         async def with_header(message):
-            if message["type"] == "http.response.start":
+            if message["type"] == "http.response.start" and self.echo:
                 message = {**message, "headers": [*message.get("headers", []),
                                                    (b"x-request-id", request_id.encode())]}
             await send(message)
@@ -223,7 +236,7 @@ def _as_api_error(exc: BaseException, ctx: GatewayContext, rename: dict[str, str
 async def _close(stream: AsyncIterator) -> None:
     try:
         await stream.aclose()  # type: ignore[attr-defined]
-    except Exception:  # noqa: BLE001 - closing must never mask the original outcome
+    except Exception:
         logger.debug("closing an engine stream failed", exc_info=True)
 
 
@@ -286,7 +299,8 @@ async def _outputs(started: Started) -> AsyncIterator[tuple[int, RequestOutput]]
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def _until_disconnect(request: Request, work: Awaitable, ctx: GatewayContext):
+async def _until_disconnect(request: Request, work: Awaitable, ctx: GatewayContext,
+                            rename: dict[str, str] | None):
     """Run `work` unless the client goes away first; then cancel it (which aborts the engine calls)."""
     async def disconnected() -> None:
         while (await request.receive())["type"] != "http.disconnect":
@@ -303,7 +317,10 @@ async def _until_disconnect(request: Request, work: Awaitable, ctx: GatewayConte
         watch.cancel()
     if task.cancelled():
         return Response(status_code=499)
-    return task.result()
+    try:
+        return task.result()
+    except Exception as exc:
+        raise _as_api_error(exc, ctx, rename) from exc
 
 
 def _sse(chunk: p.BaseModel) -> str:
@@ -390,7 +407,8 @@ def _engine_id(request_id: str, index: int) -> str:
 
 # --- routes ----------------------------------------------------------------------------------------
 
-def create_app(ctx: GatewayContext) -> FastAPI:
+def create_app(ctx: GatewayContext, echo_request_id: bool = True) -> FastAPI:
+    """`echo_request_id=False` behind a proxy that returns X-Request-Id itself (Ray Serve's)."""
     app = FastAPI(title="grok-serve", version=_version(), strict_content_type=False,
                   responses={400: {"model": p.ErrorResponse}})
     install_error_handlers(app)
@@ -421,7 +439,7 @@ def create_app(ctx: GatewayContext) -> FastAPI:
             started = await _start(ctx, jobs, rename)
             return _sse_stream(ctx, _chat_events(ctx, body, started, f"chatcmpl-{rid}", created), rename)
         return await _until_disconnect(request, _chat_response(ctx, body, jobs, rename, f"chatcmpl-{rid}",
-                                                               created), ctx)
+                                                               created), ctx, rename)
 
     @app.post("/v1/completions", response_model=p.CompletionResponse)
     async def completions(body: p.CompletionRequest, request: Request):
@@ -448,7 +466,7 @@ def create_app(ctx: GatewayContext) -> FastAPI:
         if body.stream:
             started = await _start(ctx, jobs, None)
             return _sse_stream(ctx, _completion_events(ctx, body, jobs, started, rid, created), {})
-        return await _until_disconnect(request, _completion_response(ctx, body, jobs, rid, created), ctx)
+        return await _until_disconnect(request, _completion_response(ctx, body, jobs, rid, created), ctx, None)
 
     @app.get("/v1/models", response_model=p.ModelList)
     async def models():
@@ -470,7 +488,7 @@ def create_app(ctx: GatewayContext) -> FastAPI:
         try:
             snapshot = await asyncio.wait_for(ctx.engine.metrics_snapshot(), ctx.config.engine_call_timeout_s)
             ctx.metrics.fold(snapshot)
-        except Exception:  # noqa: BLE001 - a scrape still shows what the gateway knows
+        except Exception:
             logger.warning("engine metrics unavailable", exc_info=True)
             ctx.metrics.scrape_error()
         return Response(ctx.metrics.render(), media_type=CONTENT_TYPE_LATEST)
@@ -507,7 +525,7 @@ def create_app(ctx: GatewayContext) -> FastAPI:
     open_paths = frozenset(path for path, is_open in (("/health", ctx.config.auth.open_health),
                                                        ("/metrics", ctx.config.auth.open_metrics)) if is_open)
     app.add_middleware(ApiKeyMiddleware, keys=ctx.keys, open_paths=open_paths)
-    app.add_middleware(RequestIdMiddleware)
+    app.add_middleware(RequestIdMiddleware, echo=echo_request_id)
     app.add_middleware(HttpMetricsMiddleware, metrics=ctx.metrics, routes=routes)
     return app
 
@@ -568,7 +586,8 @@ async def _chat_events(ctx: GatewayContext, body: p.ChatCompletionRequest, start
         for o in out.outputs:
             logprobs = p.ChatLogprobs(content=chat_logprobs(ctx.tokenizer, o.token_ids, o.logprobs or [],
                                                             o.top_logprobs)) if body.logprobs else None
-            if o.text or o.finish_reason or logprobs is not None and logprobs.content:
+            if (o.text or o.finish_reason or (logprobs is not None and logprobs.content)
+                    or (body.return_token_ids and o.token_ids)):
                 yield chunk([p.ChatStreamChoice(
                     index=o.index, delta=p.DeltaMessage(content=o.text or None), logprobs=logprobs,
                     finish_reason=o.finish_reason,

