@@ -90,9 +90,8 @@ def test_metrics_after_a_known_workload(server):
         assert per_layer == 2 * forward_tokens
         assert metric(text, "grok_serve:expert_load_imbalance", layer=str(layer)) >= 1.0
     assert metric(text, "grok_serve:time_to_first_token_seconds_count") == sequences
-    # One interval per generated token after the first; the engine's stats currently drop each
-    # sequence's last interval (it forgets the sequence before recording its final step).
-    assert 3 * sequences <= metric(text, "grok_serve:inter_token_latency_seconds_count") <= 4 * sequences
+    # One interval per generated token after the first.
+    assert metric(text, "grok_serve:inter_token_latency_seconds_count") == generated - sequences
     assert metric(text, "grok_serve:e2e_request_latency_seconds_count") == sequences
     assert metric(text, "grok_serve:request_queue_time_seconds_count") == sequences
     assert metric(text, "grok_serve:time_to_first_token_seconds_sum") > 0

@@ -20,7 +20,8 @@ import torch
 
 from services.engine.config import EngineConfig
 from services.engine.engine import LLMEngine
-from services.engine.parallel import ParallelGroupError, decode_step, encode_step
+from services.engine.parallel import (Command, ParallelGroupError, Rendezvous, decode_step, encode_step, join,
+                                     listen_socket, master_store)
 from services.engine.runner import StepInputs
 from services.engine.sampling_params import SamplingParams
 from services.model.attention_metadata import AttentionMetadata, PrefillChunk
@@ -58,6 +59,43 @@ def test_step_description_round_trips():
         assert torch.equal(getattr(got.meta, name), getattr(meta, name))
     assert [(c.query_start, c.query_len, c.context_len, c.block_table.tolist()) for c in got.meta.prefills] == \
         [(2, 2, 4, [2]), (4, 1, 33, [7, 8, 9])]
+
+
+def test_collectives_and_step_channel_between_two_ranks():
+    # Two ranks as two threads of this process: TorchDistComm and the step channel without Ray.
+    sock = listen_socket("127.0.0.1")
+    rdv = Rendezvous("127.0.0.1", sock.getsockname()[1], 2, False, 10.0, connect_timeout_s=30.0)
+    store = master_store(rdv, sock)
+    meta = AttentionMetadata.for_single_sequence(0, 3, torch.tensor([4]), 16)
+    step = StepInputs(torch.tensor([7, 8, 9]), torch.arange(3), meta, torch.tensor([2]))
+
+    def rank(r: int):
+        group = join(rdv, r, torch.device("cpu"), store if r == 0 else None)
+        try:
+            reduced = group.comm.all_reduce(torch.full((2, 3), float(r + 1)))
+            gathered = group.comm.all_gather(torch.full((2, 1), float(r)), dim=-1)
+            # Uneven splits: rank 0 sends 1 row to itself and 2 to rank 1; rank 1 sends 3 to rank 0.
+            rows = torch.arange(3, dtype=torch.float32)[:, None] + 10 * r
+            moved = group.comm.all_to_all(rows, [1, 3] if r == 0 else [2, 0], [1, 2] if r == 0 else [3, 0])
+            if r == 0:
+                group.channel.send(Command.STEP, 5, *encode_step(step))
+                received = None
+            else:
+                command, cache, args, payload = group.channel.receive()
+                received = (command, cache, decode_step(args, payload))
+            return reduced, gathered, moved, received, group.comm.timer.take()
+        finally:
+            group.abort()
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        (r0, g0, m0, _, t0), (r1, g1, m1, received, t1) = pool.map(rank, [0, 1])
+    assert torch.equal(r0, torch.full((2, 3), 3.0)) and torch.equal(r1, r0)
+    assert torch.equal(g0, torch.tensor([[0.0, 1.0], [0.0, 1.0]])) and torch.equal(g1, g0)
+    assert m0[:, 0].tolist() == [0.0, 10.0, 11.0, 12.0] and m1[:, 0].tolist() == [1.0, 2.0]
+    command, cache, got = received
+    assert command is Command.STEP and cache == 5
+    assert torch.equal(got.input_ids, step.input_ids) and torch.equal(got.meta.slot_mapping, meta.slot_mapping)
+    assert t0 > 0 and t1 > 0
 
 
 @pytest.mark.parametrize("field, value", [("parallel_size", 0), ("parallel_size", 1.5),

@@ -74,6 +74,11 @@ class AsyncEngine:
                 if self._wake is not None:
                     self._wake.set()
 
+    def read(self, fn):
+        """fn(engine) while no step runs: a consistent view of the engine's state and statistics."""
+        with self._lock:
+            return fn(self.engine)
+
     async def abort(self, request_id: str) -> None:
         self._commands.append(("abort", request_id))
         if self._wake is not None:

@@ -14,6 +14,7 @@ chunks, S sampled rows.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import enum
 import os
@@ -209,10 +210,8 @@ class RankGroup:
     def abort(self) -> None:
         """Close this rank's connections, so that peers blocked on it fail now rather than at a timeout."""
         for backend in {id(self.data): self.data, id(self.control): self.control}.values():
-            try:
+            with contextlib.suppress(RuntimeError):
                 backend.abort()
-            except RuntimeError:
-                pass
 
 
 def listen_socket(host: str) -> socket.socket:
@@ -338,7 +337,7 @@ class ParallelGroup:
         return self.rank0.comm
 
     @classmethod
-    def start(cls, config) -> "ParallelGroup":
+    def start(cls, config) -> ParallelGroup:
         """EngineConfig with parallel_size > 1 -> workers started, every rank's shard loaded."""
         # worker.py imports this module, so it is imported here rather than at the top.
         from services.engine.worker import RankSpec, RankWorker, load_shard
@@ -415,11 +414,9 @@ class ParallelGroup:
     def shutdown(self) -> None:
         """End the workers' loops (when they can still hear it) and release actors and placement group."""
         if self.error is None and self._loops:
-            try:
+            with contextlib.suppress(Exception):  # shutting down either way
                 self.rank0.channel.send(Command.SHUTDOWN)
                 _ray().get(self._loops, timeout=self.collective_timeout_s)
-            except Exception:  # noqa: BLE001 - shutting down either way
-                pass
             self.error = ParallelGroupError("the parallel group was shut down")
         self._finalizer()
 
@@ -431,12 +428,8 @@ def _release(rank0: RankGroup | None, workers: list, placement: Placement) -> No
     if ray.is_initialized():
         for actor in [*workers, placement.holder]:
             if actor is not None:
-                try:
+                with contextlib.suppress(Exception):  # already gone
                     ray.kill(actor)
-                except Exception:  # noqa: BLE001 - already gone
-                    pass
         if placement.owned:
-            try:
+            with contextlib.suppress(Exception):  # already gone
                 ray.util.remove_placement_group(placement.group)
-            except Exception:  # noqa: BLE001 - already gone
-                pass

@@ -47,6 +47,8 @@ class EngineStats:
     def __post_init__(self) -> None:
         self.expert_tokens = [[0] * self.num_experts for _ in range(self.num_layers)]
         self._last_token_time: dict[int, float] = {}
+        # Sequences finished during a step: forgotten only after that step's samples are taken.
+        self._finished_seq_ids: set[int] = set()
 
     def record_step(self, step: SchedulerOutput, expert_counts: torch.Tensor, forward_s: float,
                     step_s: float, blocks: BlockManager) -> None:
@@ -70,6 +72,9 @@ class EngineStats:
                 self.itl.append(seq.last_token_time - self._last_token_time[seq.seq_id])
             if seq.last_token_time is not None:
                 self._last_token_time[seq.seq_id] = seq.last_token_time
+        for seq_id in self._finished_seq_ids:
+            self._last_token_time.pop(seq_id, None)
+        self._finished_seq_ids.clear()
         if not step.is_empty:
             # One host read per step, after the forward: the device-side counters are then reset.
             counts = expert_counts.tolist()
@@ -92,7 +97,7 @@ class EngineStats:
         self.finished_by_reason[reason] = self.finished_by_reason.get(reason, 0) + 1
         if seq.finished_time is not None:
             self.e2e.append(seq.finished_time - seq.arrival_time)
-        self._last_token_time.pop(seq.seq_id, None)
+        self._finished_seq_ids.add(seq.seq_id)
 
     def record_abort(self, num_seqs: int) -> None:
         self.aborts += num_seqs

@@ -48,7 +48,7 @@ class PeakRss:
     (/proc/self/clear_refs), so earlier peaks of the process do not hide this one. Elsewhere, the growth
     of getrusage's peak, which is only meaningful in a fresh process."""
 
-    def __enter__(self) -> "PeakRss":
+    def __enter__(self):
         try:
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")

@@ -148,9 +148,8 @@ class LocalEngineClient:
         return await asyncio.to_thread(self._snapshot)
 
     def _snapshot(self) -> dict[str, Any]:
-        # The step thread mutates the stats; AsyncEngine holds this lock around each step.
-        with self.engine._lock:
-            return engine_snapshot(self.engine.engine, self.replica)
+        # The step thread mutates the stats: read them between steps.
+        return self.engine.read(lambda engine: engine_snapshot(engine, self.replica))
 
 
 @dataclass(frozen=True)
