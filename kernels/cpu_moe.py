@@ -4,11 +4,15 @@ CPU GEMMs are fast here only in float32 (AVX2, no native bfloat16): torch's bflo
 the checkpoint's [in, out] layout takes a scalar fallback, tens of times slower than float32. Two
 ways around it, both streaming each weight byte from DRAM once, in its stored width:
 - one token on an expert: torch.mv on the transposed view, whose bfloat16 kernel is vectorized and
-  accumulates in float32 (it rounds once, to bfloat16);
+  accumulates in float32 (it rounds once, to bfloat16). It runs on one core, so such experts run
+  side by side on threads (torch ops release the GIL);
 - more tokens: the weight is widened to float32 in row chunks that stay in cache, each chunk
   consumed by an addmm before the next is made.
 """
 from __future__ import annotations
+
+import threading
+from collections.abc import Callable
 
 import torch
 
@@ -22,6 +26,8 @@ from .reference import gelu_tanh, softmax_topk
 # float32 bytes of one widened weight chunk: large enough that per-chunk op overhead is small next
 # to its GEMM, small enough to stay in L2 between the widening and the addmm that reads it.
 _CHUNK_BYTES = 1 << 20
+# Bytes of one expert below which starting a thread costs more than the work it would overlap.
+_THREAD_MIN_BYTES = 1 << 20
 
 
 def _widen_chunk(out: torch.Tensor, weight: torch.Tensor, scale_row: torch.Tensor | None,
@@ -91,6 +97,35 @@ def _slots_by_expert(local: torch.Tensor, num_local: int, one_token: bool):
             start += n
 
 
+def _single_core_gemv(experts: ExpertWeights, x: torch.Tensor) -> bool:
+    """True when every expert with one row runs on torch.mv's one-core bfloat16 kernel."""
+    return x.dtype == experts.w13.dtype == experts.w2.dtype == torch.bfloat16
+
+
+def _run_concurrently(tasks: list[Callable[[], torch.Tensor]], num_threads: int) -> list[torch.Tensor]:
+    """Results of tasks in order, computed on num_threads threads (this one included)."""
+    results: list = [None] * len(tasks)
+    errors: list[BaseException] = []
+
+    def work(indices: range) -> None:
+        try:
+            for i in indices:
+                results[i] = tasks[i]()
+        except BaseException as exc:  # noqa: BLE001 (re-raised on the calling thread)
+            errors.append(exc)
+
+    helpers = [threading.Thread(target=work, args=(range(t, len(tasks), num_threads),))
+               for t in range(1, num_threads)]
+    for helper in helpers:
+        helper.start()
+    work(range(0, len(tasks), num_threads))
+    for helper in helpers:
+        helper.join()
+    if errors:
+        raise errors[0]
+    return results
+
+
 def fused_moe_cpu(x: torch.Tensor, router_logits: torch.Tensor, experts: ExpertWeights, top_k: int,
                   expert_map: torch.Tensor | None = None,
                   expert_counts_out: torch.Tensor | None = None) -> torch.Tensor:
@@ -106,12 +141,21 @@ def fused_moe_cpu(x: torch.Tensor, router_logits: torch.Tensor, experts: ExpertW
     if num_tokens == 0:
         return out.to(x.dtype)
     flat_gates = gates.view(-1)  # [S]
-    for e, slots in _slots_by_expert(local, experts.num_experts, num_tokens == 1):
-        if num_tokens == 1:
-            # No gather or scatter: the row is the token.
-            out.add_(expert_mlp(x, experts, e).mul_(flat_gates[slots]))
-            continue
-        tokens = slots // top_k
-        y = expert_mlp(x.index_select(0, tokens), experts, e)  # [n, D]
-        out.index_add_(0, tokens, y.mul_(flat_gates.index_select(0, slots)[:, None]))
+    work = list(_slots_by_expert(local, experts.num_experts, num_tokens == 1))
+    if num_tokens == 1:
+        # No gather or scatter: the row is the token.
+        tasks = [lambda e=e: expert_mlp(x, experts, e) for e, _ in work]
+        expert_bytes = experts.w13[0].nbytes + experts.w2[0].nbytes
+        num_threads = min(len(tasks), torch.get_num_threads())
+        if num_threads > 1 and expert_bytes >= _THREAD_MIN_BYTES and _single_core_gemv(experts, x):
+            outputs = _run_concurrently(tasks, num_threads)
+        else:
+            outputs = [task() for task in tasks]
+        for (_, slot), y in zip(work, outputs):  # a fixed order: the sum is deterministic
+            out.add_(y.mul_(flat_gates[slot]))
+    else:
+        for e, slots in work:
+            tokens = slots // top_k
+            y = expert_mlp(x.index_select(0, tokens), experts, e)  # [n, D]
+            out.index_add_(0, tokens, y.mul_(flat_gates.index_select(0, slots)[:, None]))
     return out if x.dtype == torch.float32 else out.to(x.dtype)

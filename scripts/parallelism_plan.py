@@ -89,17 +89,25 @@ def ring_factor(size: int) -> float:
 
 
 # --- tables ------------------------------------------------------------------------------------------
+def _row(*cells) -> str:
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def _rule(columns: int) -> str:
+    return "|" + "---|" * columns
+
+
 def _gb(x: float) -> str:
     return f"{x / 1e9:.2f}"
 
 
 def sharding_table(config: Grok1Config) -> list[str]:
-    rows = ["| N | q heads / rank | kv heads / rank | experts on rank 0 | vocab rows / rank | params over ranks |",
-            "|---|---|---|---|---|---|"]
+    rows = [_row("N", "q heads / rank", "kv heads / rank", "experts on rank 0", "vocab rows / rank",
+                 "params over ranks"), _rule(6)]
     for n in (1, 2, 4, 8):
         s = Shard(0, n)
-        rows.append(f"| {n} | {len(s.q_heads(config))} | {len(s.kv_heads(config))} | "
-                    f"{s.experts(config)} | {len(s.vocab_rows(config))} | {parameters_over_ranks(config, n):,} |")
+        rows.append(_row(n, len(s.q_heads(config)), len(s.kv_heads(config)), s.experts(config),
+                         len(s.vocab_rows(config)), f"{parameters_over_ranks(config, n):,}"))
     return rows
 
 
@@ -112,36 +120,37 @@ def communication_table(config: Grok1Config, size: int, latency_us: float) -> li
     collectives = 2 * config.num_layers + 2  # per step: 2 per layer, the embedding's, the LM head's gather
     lines = [(f"bf16 activations, N = {size}, ring all-reduce: each GPU sends 2(N-1)/N = {ring:.2f} x the "
               f"bytes all-reduced."), "",
-             "| GPU | link GB/s per direction | per token | bytes all-reduced | bytes each GPU sends | time |",
-             "|---|---|---|---|---|---|"]
+             _row("GPU", "link GB/s per direction", "per token", "bytes all-reduced", "bytes each GPU sends",
+                  "time"), _rule(6)]
     for gpu in GPUS:
         bw = gpu.link_bytes_per_s
         for what, reduced, sent in (
                 (f"one layer (2 all-reduces of D = {config.emb_size})", f"{layer:,}", ring * layer),
-                (f"all {config.num_layers} layers + embedding all-reduce", f"{per_token:,}", ring * per_token),
+                (f"{config.num_layers} layers + embedding all-reduce", f"{per_token:,}", ring * per_token),
                 ("LM head all-gather (per sampled token)", "-", gather)):
-            lines.append(f"| {gpu.name} | {bw / 1e9:.0f} | {what} | {reduced} | {sent:,.0f} | "
-                         f"{sent / bw * 1e9:,.1f} ns |")
-    lines += ["", (f"Per step: {collectives} collectives whatever the batch, so small steps are latency-bound. "
-                   f"The last column adds {collectives} x {latency_us:g} us, an assumed latency of one small "
-                   f"NVLink collective (`--latency-us`; not measured here). Same for H100 and H200: both have "
-                   f"NVLink4."), "",
-              "| step | tokens T | sampled S | bytes each GPU sends | bandwidth time | with latency floor |",
-              "|---|---|---|---|---|---|"]
+            lines.append(_row(gpu.name, f"{bw / 1e9:.0f}", what, reduced, f"{sent:,.0f}",
+                              f"{sent / bw * 1e9:,.1f} ns"))
+    lines += ["", (f"Per step: {collectives} collectives whatever the batch, so small steps are "
+                   f"latency-bound. The last column adds {collectives} x {latency_us:g} us, an assumed "
+                   f"latency of one small NVLink collective (`--latency-us`; not measured here). Same "
+                   f"for H100 and H200: both have NVLink4."), "",
+              _row("step", "tokens T", "sampled S", "bytes each GPU sends", "bandwidth time",
+                   "with latency floor"), _rule(6)]
     bw = GPUS[0].link_bytes_per_s
     for what, t, sampled in (("decode, 1 sequence", 1, 1), ("decode, 64 sequences", 64, 64),
                              ("decode, 256 sequences", 256, 256), ("prefill chunk of 2048 tokens", 2048, 1)):
         sent = t * ring * per_token + sampled * gather
         seconds = sent / bw
-        lines.append(f"| {what} | {t} | {sampled} | {sent / 1e6:,.2f} MB | {seconds * 1e6:,.1f} us | "
-                     f"{(seconds + collectives * latency_us * 1e-6) * 1e3:.2f} ms |")
+        floor = seconds + collectives * latency_us * 1e-6
+        lines.append(_row(what, t, sampled, f"{sent / 1e6:,.2f} MB", f"{seconds * 1e6:,.1f} us",
+                          f"{floor * 1e3:.2f} ms"))
     return lines
 
 
 def memory_table(config: Grok1Config) -> list[str]:
-    lines = [("| GPU | N | weights | experts | attention | embedding | other | weights / GPU | KV / token / GPU "
-              "| KV budget / GPU | max tokens in cache | 8192-token sequences |"),
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [_row("GPU", "N", "weights", "experts", "attention", "embedding", "other", "weights / GPU",
+                  "KV / token / GPU", "KV budget / GPU", "max tokens in cache",
+                  f"{config.max_seq_len}-token sequences"), _rule(12)]
     for gpu in GPUS:
         for n in (4, 8):
             for int8 in (True, False):
@@ -150,11 +159,10 @@ def memory_table(config: Grok1Config) -> list[str]:
                 budget = MEMORY_UTILIZATION * gpu.memory_bytes - m["total"]
                 tokens = max(0, int(budget // kv))
                 fits = budget > 0
-                lines.append(
-                    f"| {gpu.name} | {n} | {'int8' if int8 else 'bf16'} | {_gb(m['experts'])} | {_gb(m['attention'])} "
-                    f"| {_gb(m['embedding'])} | {_gb(m['other'])} | {_gb(m['total'])} | {kv / 1024:.0f} KiB | "
-                    f"{_gb(budget) if fits else 'does not fit'} | {tokens:,} | "
-                    f"{tokens // config.max_seq_len:,} |")
+                lines.append(_row(gpu.name, n, "int8" if int8 else "bf16", *(_gb(m[k]) for k in (
+                    "experts", "attention", "embedding", "other", "total")), f"{kv / 1024:.0f} KiB",
+                    _gb(budget) if fits else "does not fit", f"{tokens:,}",
+                    f"{tokens // config.max_seq_len:,}"))
     return lines
 
 
@@ -180,12 +188,14 @@ def write_between_markers(path: Path, text: str) -> None:
     doc = path.read_text()
     if BEGIN not in doc or END not in doc:
         raise SystemExit(f"{path}: markers {BEGIN} / {END} not found")
-    new = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: f"{BEGIN}\n{text}\n{END}", doc, flags=re.DOTALL)
+    pattern = re.escape(BEGIN) + ".*?" + re.escape(END)
+    new = re.sub(pattern, lambda _: f"{BEGIN}\n{text}\n{END}", doc, flags=re.DOTALL)
     path.write_text(new)
 
 
 # --- CPU benchmark -------------------------------------------------------------------------------------
-def bench(sizes: list[int], num_requests: int, prompt_len: int, output_len: int, model: str) -> list[dict]:
+def bench(sizes: list[int], num_requests: int, prompt_len: int, output_len: int, model: str,
+          rank0_threads: int | None = None) -> list[dict]:
     import numpy as np
     import ray
 
@@ -197,24 +207,25 @@ def bench(sizes: list[int], num_requests: int, prompt_len: int, output_len: int,
     cores = torch.get_num_threads()
     try:
         for n in sizes:
-            torch.set_num_threads(max(1, cores // n))  # the worker actors run one thread each
+            # Ray gives the fractional-CPU worker actors one thread each; rank 0 shares out the rest.
+            torch.set_num_threads(rank0_threads or max(1, cores // n))
             llm = LLM(model, parallel_size=n, max_num_seqs=num_requests, kv_cache_memory_bytes=256 << 20)
             vocab = llm.engine.model.config.vocab_size
             prompts = np.random.default_rng(0).integers(4, vocab, size=(num_requests, prompt_len)).tolist()
             params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
             llm.generate(prompts[:2], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))  # warm-up
             stats = llm.engine.stats
-            before = (stats.steps, stats.forward_s_total, stats.collective_s_total, stats.step_broadcast_s_total)
+            before = _totals(stats)
             started = time.perf_counter()
             outs = llm.generate(prompts, params)
             elapsed = time.perf_counter() - started
-            steps, fwd, coll, bcast = (a - b for a, b in zip(
-                (stats.steps, stats.forward_s_total, stats.collective_s_total, stats.step_broadcast_s_total), before))
+            steps, fwd, coll, bcast = (a - b for a, b in zip(_totals(stats), before))
             generated = sum(len(o.outputs[0].token_ids) for o in outs)
-            rows.append({"parallel_size": n, "model": model, "requests": num_requests, "prompt_len": prompt_len,
-                         "output_len": output_len, "rank0_threads": torch.get_num_threads(),
-                         "elapsed_s": round(elapsed, 2), "output_tok_s": round(generated / elapsed, 1),
-                         "steps": steps, "forward_s": round(fwd, 2), "collective_s": round(coll, 2),
+            rows.append({"parallel_size": n, "model": model, "requests": num_requests,
+                         "prompt_len": prompt_len, "output_len": output_len,
+                         "rank0_threads": torch.get_num_threads(), "elapsed_s": round(elapsed, 2),
+                         "output_tok_s": round(generated / elapsed, 1), "steps": steps,
+                         "forward_s": round(fwd, 2), "collective_s": round(coll, 2),
                          "collective_ms_per_step": round(1000 * coll / max(steps, 1), 2),
                          "broadcast_ms_per_step": round(1000 * bcast / max(steps, 1), 3),
                          "rank_expert_tokens": list(stats.rank_expert_tokens)})
@@ -225,6 +236,10 @@ def bench(sizes: list[int], num_requests: int, prompt_len: int, output_len: int,
         torch.set_num_threads(cores)
         ray.shutdown()
     return rows
+
+
+def _totals(stats) -> tuple[float, ...]:
+    return stats.steps, stats.forward_s_total, stats.collective_s_total, stats.step_broadcast_s_total
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -240,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--num-requests", type=int, default=16)
     b.add_argument("--prompt-len", type=int, default=64)
     b.add_argument("--output-len", type=int, default=32)
+    b.add_argument("--rank0-threads", type=int, help="torch threads of rank 0 (default: cores / N)")
     args = parser.parse_args(argv)
     if args.command == "tables":
         text = tables(args.latency_us)
@@ -248,7 +264,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(text)
         return 0
-    for row in bench(args.sizes, args.num_requests, args.prompt_len, args.output_len, args.model):
+    for row in bench(args.sizes, args.num_requests, args.prompt_len, args.output_len, args.model,
+                     args.rank0_threads):
         print(json.dumps(row))
     return 0
 

@@ -59,7 +59,8 @@ def test_file_order_is_lexicographic_in_layers():
 
 
 def test_reference_tensor_names_derived(tiny_reference):
-    names = [line.strip().removeprefix("params/") for line in open(tiny_reference / "tensor_names.txt")]
+    lines = (tiny_reference / "tensor_names.txt").read_text().splitlines()
+    names = [line.strip().removeprefix("params/") for line in lines]
     assert param_names(Grok1Config.from_dir(tiny_reference)) == names
 
 

@@ -20,8 +20,16 @@ import torch
 
 from services.engine.config import EngineConfig
 from services.engine.engine import LLMEngine
-from services.engine.parallel import (Command, ParallelGroupError, Rendezvous, decode_step, encode_step, join,
-                                     listen_socket, master_store)
+from services.engine.parallel import (
+    Command,
+    ParallelGroupError,
+    Rendezvous,
+    decode_step,
+    encode_step,
+    join,
+    listen_socket,
+    master_store,
+)
 from services.engine.runner import StepInputs
 from services.engine.sampling_params import SamplingParams
 from services.model.attention_metadata import AttentionMetadata, PrefillChunk
@@ -57,8 +65,8 @@ def test_step_description_round_trips():
         assert torch.equal(getattr(got, name), getattr(inputs, name))
     for name in ("slot_mapping", "decode_block_tables", "decode_context_lens"):
         assert torch.equal(getattr(got.meta, name), getattr(meta, name))
-    assert [(c.query_start, c.query_len, c.context_len, c.block_table.tolist()) for c in got.meta.prefills] == \
-        [(2, 2, 4, [2]), (4, 1, 33, [7, 8, 9])]
+    chunks = [(c.query_start, c.query_len, c.context_len, c.block_table.tolist()) for c in got.meta.prefills]
+    assert chunks == [(2, 2, 4, [2]), (4, 1, 33, [7, 8, 9])]
 
 
 def test_collectives_and_step_channel_between_two_ranks():
@@ -85,7 +93,7 @@ def test_collectives_and_step_channel_between_two_ranks():
                 received = (command, cache, decode_step(args, payload))
             return reduced, gathered, moved, received, group.comm.timer.take()
         finally:
-            group.abort()
+            group.close()
 
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         (r0, g0, m0, _, t0), (r1, g1, m1, received, t1) = pool.map(rank, [0, 1])
@@ -94,12 +102,14 @@ def test_collectives_and_step_channel_between_two_ranks():
     assert m0[:, 0].tolist() == [0.0, 10.0, 11.0, 12.0] and m1[:, 0].tolist() == [1.0, 2.0]
     command, cache, got = received
     assert command is Command.STEP and cache == 5
-    assert torch.equal(got.input_ids, step.input_ids) and torch.equal(got.meta.slot_mapping, meta.slot_mapping)
+    assert torch.equal(got.input_ids, step.input_ids)
+    assert torch.equal(got.meta.slot_mapping, meta.slot_mapping)
     assert t0 > 0 and t1 > 0
 
 
 @pytest.mark.parametrize("field, value", [("parallel_size", 0), ("parallel_size", 1.5),
-                                          ("collective_timeout_s", 0), ("collective_timeout_s", float("inf"))])
+                                          ("collective_timeout_s", 0),
+                                          ("collective_timeout_s", float("inf"))])
 def test_config_rejects_bad_parallel_fields(field, value):
     with pytest.raises(ValueError, match=field):
         EngineConfig(**{field: value})
@@ -247,6 +257,7 @@ def test_stalled_worker_becomes_an_engine_error(ray_session):
     engine = LLMEngine(EngineConfig(model="tiny", parallel_size=2, collective_timeout_s=3.0))
     pid = ray.get(engine.group.workers[0].pid.remote())
     try:
+        time.sleep(4)  # idle longer than the timeout: waiting for the next step has no deadline
         engine.add_request("s", [5, 7, 11], SamplingParams(temperature=0, max_tokens=50, ignore_eos=True))
         engine.step()
         os.kill(pid, signal.SIGSTOP)
@@ -257,6 +268,24 @@ def test_stalled_worker_becomes_an_engine_error(ray_session):
         assert time.monotonic() - started < 3.0 + 10
     finally:
         os.kill(pid, signal.SIGKILL)
+        engine.runner.shutdown()
+
+
+@pytest.mark.timeout(150)
+def test_worker_error_reaches_rank0_at_once(ray_session):
+    engine = LLMEngine(EngineConfig(model="tiny", parallel_size=2, collective_timeout_s=60.0))
+    try:
+        runner = engine.runner
+        meta = AttentionMetadata.for_single_sequence(0, 2, torch.tensor([0]), runner.block_size)
+        inputs = StepInputs(torch.tensor([5, 7]), torch.arange(2), meta, torch.tensor([1]))
+        started = time.monotonic()
+        # Cache 7 was never allocated: rank 1 raises before its first collective, rank 0 is inside one.
+        with pytest.raises(ParallelGroupError, match="KeyError"):
+            runner._run(7, inputs, runner.kv_cache, count_experts=False)
+        assert time.monotonic() - started < 20  # far below the 60 s collective timeout
+        with pytest.raises(ParallelGroupError):
+            engine.runner.score([5, 7])  # the group stays failed
+    finally:
         engine.runner.shutdown()
 
 

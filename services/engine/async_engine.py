@@ -9,7 +9,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import threading
-from collections.abc import AsyncIterator, Sequence as Seq
+from collections.abc import AsyncIterator
+from collections.abc import Sequence as Seq
 
 from services.engine.engine import LLMEngine
 from services.engine.outputs import RequestOutput

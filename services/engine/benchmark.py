@@ -8,12 +8,12 @@ from __future__ import annotations
 import json
 import os
 import platform
+import random
 import subprocess
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from services.engine.llm import LLM
@@ -31,16 +31,19 @@ class Workload:
     seed: int = 0
 
     def prompts(self, vocab_size: int) -> list[list[int]]:
-        rng = np.random.default_rng(self.seed)
-        # Ids from 4 up: no control tokens in the prompts.
-        return rng.integers(4, vocab_size, size=(self.num_requests, self.prompt_len)).tolist()
+        # The peer script's generator, so both engines see the same token ids; ids from 3 up skip the
+        # pad/bos/eos control tokens.
+        rng = random.Random(self.seed)
+        return [[rng.randrange(3, vocab_size) for _ in range(self.prompt_len)]
+                for _ in range(self.num_requests)]
 
 
 def cpu_name() -> str:
     try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
     return platform.processor() or "unknown"
@@ -69,31 +72,23 @@ def run_ours(model: str, dtype: str, workload: Workload, **engine_options) -> di
     }
 
 
-def run_vllm(python: Path, workload: Workload, dims: dict, dtype: str, timeout_s: int = 3600) -> dict:
-    """The peer in its own virtualenv (loadtests/peers/vllm/setup.sh makes it)."""
+def run_vllm(python: Path, workload: Workload, model: str, dtype: str, timeout_s: int = 3600) -> dict:
+    """The peer in its own virtualenv (loadtests/peers/vllm/setup.sh makes it), on a Mixtral config
+    with the preset's dimensions (loadtests/peers/vllm/mixtral_config.py reads our reference names)."""
+    from services.model.config import get_preset
+
     if not python.exists():
         raise FileNotFoundError(f"{python} not found: create the vLLM virtualenv with "
                                 f"loadtests/peers/vllm/setup.sh")
-    model_dir = REPO / ".cache" / "vllm-mixtral-cpu-bench"
-    subprocess.run([str(python), str(PEER_DIR / "mixtral_config.py"), str(model_dir),
-                    "--dims-json", json.dumps(dims)], check=True, capture_output=True, text=True)
-    cmd = [str(python), str(PEER_DIR / "offline_bench.py"), "--model", str(model_dir),
+    dims = REPO / ".cache" / f"{model}-dims.json"
+    dims.parent.mkdir(exist_ok=True)
+    dims.write_text(json.dumps(get_preset(model).to_reference_dict()))
+    cmd = [str(python), str(PEER_DIR / "offline_bench.py"), "--model-json", str(dims),
            "--num-requests", str(workload.num_requests), "--prompt-len", str(workload.prompt_len),
            "--output-len", str(workload.output_len), "--seed", str(workload.seed), "--dtype", dtype]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env, check=False)
     if proc.returncode:
         raise RuntimeError(f"vLLM peer failed ({proc.returncode}): {proc.stderr[-2000:]}")
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")][-1]
     return {"engine": "vllm", **json.loads(line)}
-
-
-def mixtral_dims(model: str) -> dict:
-    from services.model.config import get_preset
-
-    c = get_preset(model)
-    return {"hidden_size": c.emb_size, "intermediate_size": c.ffn_size, "num_attention_heads": c.num_q_heads,
-            "num_key_value_heads": c.num_kv_heads, "head_dim": c.key_size, "num_hidden_layers": c.num_layers,
-            "num_local_experts": c.num_experts, "num_experts_per_tok": c.num_selected_experts,
-            "vocab_size": c.vocab_size, "max_position_embeddings": c.max_seq_len,
-            "rope_theta": c.rope_base, "rms_norm_eps": c.rms_norm_eps}

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from services.engine.config import EngineConfig
 from services.engine.runner import StepInputs
 from services.model.attention_metadata import AttentionMetadata, PrefillChunk
 
@@ -73,7 +74,8 @@ def decode_step(args: tuple[int, ...], payload: torch.Tensor) -> StepInputs:
         chunks.append(PrefillChunk(query_start, query_len, context_len, rest[:table_len]))
         rest = rest[table_len:]
     if rest.numel() != num_sampled:
-        raise ParallelGroupError(f"malformed step payload: {rest.numel()} sample indices, expected {num_sampled}")
+        raise ParallelGroupError(f"malformed step payload: {rest.numel()} sample indices, "
+                                 f"expected {num_sampled}")
     meta = AttentionMetadata(slots, tables.view(num_decode, width), lens, tuple(chunks))
     return StepInputs(ids, positions, meta, rest)
 
@@ -117,7 +119,7 @@ class CollectiveTimer:
     """Seconds spent inside collectives since the last `take()`.
 
     CPU collectives block, so wall time around them is exact. On CUDA they are asynchronous: events on
-    the current stream bracket them and are read at `take()`, after the step has synchronised anyway."""
+    the current stream bracket them and are read at `take()`, once the step's work has finished."""
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
@@ -142,6 +144,8 @@ class CollectiveTimer:
             self._seconds += time.perf_counter() - self._started
 
     def take(self) -> float:
+        if self._events:
+            self._events[-1][1].synchronize()  # the sampler would wait for the step right after anyway
         seconds = self._seconds + sum(s.elapsed_time(e) for s, e in self._events) / 1000.0
         self._seconds, self._events = 0.0, []
         return seconds
@@ -207,11 +211,18 @@ class RankGroup:
     channel: StepChannel
     store: dist.Store
 
-    def abort(self) -> None:
-        """Close this rank's connections, so that peers blocked on it fail now rather than at a timeout."""
+    def close(self) -> None:
+        """Close this rank's connections, so that peers blocked on it fail now rather than at a timeout.
+
+        Gloo closes its sockets only when the backend is destroyed (abort() alone leaves peers waiting),
+        so every reference to the backends is dropped; the group is unusable afterwards."""
         for backend in {id(self.data): self.data, id(self.control): self.control}.values():
-            with contextlib.suppress(RuntimeError):
-                backend.abort()
+            if backend is not None:
+                with contextlib.suppress(RuntimeError):
+                    backend.abort()
+        self.comm.backend = None
+        self.channel.control = None
+        self.control = self.data = None
 
 
 def listen_socket(host: str) -> socket.socket:
@@ -297,22 +308,24 @@ def place(size: int, use_gpu: bool, timeout_s: float) -> Placement:
     except ray.exceptions.GetTimeoutError:
         ray.util.remove_placement_group(pg)
         raise ParallelGroupError(f"no node can hold {size} bundles of {bundle} (STRICT_PACK) within "
-                                 f"{timeout_s:.0f} s; cluster resources: {ray.available_resources()}") from None
+                                 f"{timeout_s:.0f} s; free: {ray.available_resources()}") from None
     holder = None
     if use_gpu:
         from services.engine.worker import BundleHolder
-        holder = _actor(BundleHolder, pg, 0, use_gpu).remote()
+        holder = _actor(BundleHolder, pg, 0).remote()
     return Placement(pg, owned=True, holder=holder)
 
 
-def _actor(cls, pg, bundle: int, use_gpu: bool):
+def _actor(cls, pg, bundle: int):
+    """An actor class bound to one bundle, taking that bundle's CPUs and GPUs (whoever declared it)."""
     ray = _ray()
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     strategy = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=bundle)
-    resources = {"num_gpus": 1, "num_cpus": 1} if use_gpu else {"num_cpus": 0.25}
+    spec = pg.bundle_specs[bundle]
     # A second thread lets probes (pid, node_ip) answer while serve() occupies the first.
-    return ray.remote(cls).options(scheduling_strategy=strategy, max_restarts=0, max_concurrency=2, **resources)
+    return ray.remote(cls).options(scheduling_strategy=strategy, max_restarts=0, max_concurrency=2,
+                                   num_cpus=spec.get("CPU", 0), num_gpus=spec.get("GPU", 0))
 
 
 class ParallelGroup:
@@ -337,7 +350,7 @@ class ParallelGroup:
         return self.rank0.comm
 
     @classmethod
-    def start(cls, config) -> ParallelGroup:
+    def start(cls, config: EngineConfig) -> ParallelGroup:
         """EngineConfig with parallel_size > 1 -> workers started, every rank's shard loaded."""
         # worker.py imports this module, so it is imported here rather than at the top.
         from services.engine.worker import RankSpec, RankWorker, load_shard
@@ -348,7 +361,8 @@ class ParallelGroup:
         size, device = config.parallel_size, torch.device(config.device)
         use_gpu = device.type == "cuda"
         placement = place(size, use_gpu, timeout_s=120.0)
-        workers = [_actor(RankWorker, placement.group, rank, use_gpu).remote() for rank in range(1, size)]
+        workers = [_actor(RankWorker, placement.group, rank).remote() for rank in range(1, size)]
+        rank0 = None
         try:
             # Actors that cannot even start fail here, before anyone waits on a rendezvous.
             here = ray.util.get_node_ip_address()
@@ -366,7 +380,7 @@ class ParallelGroup:
             model, report0 = load_shard(spec, 0, rank0.comm, device)
             reports = (report0, *ray.get(setups))
         except BaseException:
-            _release(None, workers, placement)
+            _release(rank0, workers, placement)
             raise
         group = cls(rank0, model, workers, placement, reports, config.collective_timeout_s)
         group._loops = [w.serve.remote() for w in workers]
@@ -391,7 +405,7 @@ class ParallelGroup:
         once) and name what the workers reported."""
         if self.error is not None:
             return self.error
-        self.rank0.abort()
+        self.rank0.close()
         ray = _ray()
         done = []
         if self._loops:
@@ -406,7 +420,8 @@ class ParallelGroup:
                 ray.get(loop)
                 reasons.append(f"rank {rank}: left its loop")
             except Exception as exc:  # noqa: BLE001 - the worker's error is the diagnosis
-                reasons.append(f"rank {rank}: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
+                error = exc.cause if isinstance(exc, ray.exceptions.RayTaskError) else exc  # unwrapped
+                reasons.append(f"rank {rank}: {type(error).__name__}: {str(error).splitlines()[0][:300]}")
         self.error = ParallelGroupError(f"parallel group of {self.size} failed ({type(cause).__name__}: "
                                         f"{str(cause)[:300]}); " + "; ".join(reasons))
         return self.error
@@ -424,7 +439,7 @@ class ParallelGroup:
 def _release(rank0: RankGroup | None, workers: list, placement: Placement) -> None:
     ray = _ray()
     if rank0 is not None:
-        rank0.abort()
+        rank0.close()
     if ray.is_initialized():
         for actor in [*workers, placement.holder]:
             if actor is not None:

@@ -22,7 +22,8 @@ ENGINE_CACHE, SCRATCH_CACHE = 0, 1
 
 
 class ParallelRunner(ModelRunner):
-    def __init__(self, group: ParallelGroup, num_blocks: int, block_size: int, stats: EngineStats | None = None):
+    def __init__(self, group: ParallelGroup, num_blocks: int, block_size: int,
+                 stats: EngineStats | None = None):
         super().__init__(group.model, num_blocks, block_size)
         self.group, self.stats = group, stats
         self.last_collective_s = 0.0

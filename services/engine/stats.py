@@ -42,7 +42,7 @@ class EngineStats:
     collective_s_total: float = 0.0
     step_broadcast_s_total: float = 0.0  # rank 0 sending each step's description to the other ranks
     collective_s: list[float] = field(default_factory=list)  # per step, since the last drain
-    rank_expert_tokens: list[int] = field(default_factory=list)  # [N] cumulative tokens each rank's experts ran
+    rank_expert_tokens: list[int] = field(default_factory=list)  # [N] cumulative routes run by each rank
 
     def __post_init__(self) -> None:
         self.expert_tokens = [[0] * self.num_experts for _ in range(self.num_layers)]

@@ -45,8 +45,9 @@ class LoadReport:
 
 class PeakRss:
     """Growth of the resident set at its peak during a block: Linux's high-water mark is reset first
-    (/proc/self/clear_refs), so earlier peaks of the process do not hide this one. Elsewhere, the growth
-    of getrusage's peak, which is only meaningful in a fresh process."""
+    (/proc/self/clear_refs), so earlier peaks of the process do not hide this one (elsewhere: the growth
+    of getrusage's peak). Memory the process freed but still holds is reused without growing the
+    resident set, so figures to compare across layouts come from fresh processes (measure_load)."""
 
     def __enter__(self):
         try:
@@ -70,7 +71,8 @@ def _status_kib(field: str) -> int:
     raise OSError(f"/proc/self/status has no {field}")
 
 
-def load_shard(spec: RankSpec, rank: int, comm: Comm | None, device: torch.device) -> tuple[Grok1, LoadReport]:
+def load_shard(spec: RankSpec, rank: int, comm: Comm | None,
+               device: torch.device) -> tuple[Grok1, LoadReport]:
     """This rank's part of the model, and what loading it cost."""
     cuda = device.type == "cuda"
     if cuda:
@@ -146,9 +148,10 @@ class RankWorker:
                     self.caches.pop(cache, None)
                 else:
                     # Rank 0 counts routed tokens for the whole group; the logits are its to sample.
-                    forward_logits(self.model, self.caches[cache], decode_step(args, payload), count_experts=False)
+                    inputs = decode_step(args, payload)
+                    forward_logits(self.model, self.caches[cache], inputs, count_experts=False)
         except BaseException:
-            self.group.abort()
+            self.group.close()
             raise
 
 

@@ -32,7 +32,7 @@ class AttentionMetadata:
 
     @classmethod
     def for_single_sequence(cls, start: int, num_tokens: int, block_table: torch.Tensor,
-                            block_size: int) -> "AttentionMetadata":
+                            block_size: int) -> AttentionMetadata:
         """Tokens [start, start + num_tokens) of one sequence whose blocks are `block_table`."""
         positions = torch.arange(start, start + num_tokens)
         slots = block_table[positions // block_size] * block_size + positions % block_size

@@ -20,7 +20,7 @@ from services.model.grok1 import Grok1
 from services.model.quant import dequantize, quantize
 from services.model.release_format import CheckpointError, QuantizedWeight8bit
 from services.model.shard import Comm, Shard
-from services.model.weight_map import Split, release_shape, shard_index, target
+from services.model.weight_map import release_shape, shard_index, target
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 LOAD_FORMATS = ("auto", "release", "safetensors", "hf", "dummy")
@@ -119,7 +119,7 @@ def iter_safetensors(path: Path, config: Grok1Config, shard: Shard) -> Iterator[
         weight_map = {}
         for file in sorted(path.glob("*.safetensors")):
             with safe_open(file, "pt") as f:
-                weight_map.update({k: file.name for k in f.keys()})
+                weight_map.update({k: file.name for k in f.keys()})  # noqa: SIM118
     for name in release_format.param_names(config):
         if name not in weight_map:
             raise CheckpointError(f"{path}: {name} is missing from the safetensors checkpoint")
@@ -129,7 +129,7 @@ def iter_safetensors(path: Path, config: Grok1Config, shard: Shard) -> Iterator[
             split = target(name).split
             weight = _read_slice(f, name, split, full_w, config, shard, False, file)
             scales = None
-            if name + SCALES_SUFFIX in f.keys():
+            if name + SCALES_SUFFIX in f.keys():  # noqa: SIM118 - safe_open is no mapping
                 shape = tuple(f.get_slice(name + SCALES_SUFFIX).get_shape())
                 scales = _read_slice(f, name + SCALES_SUFFIX, split, shape, config, shard, True, file)
         yield name, (weight if scales is None else QuantizedWeight8bit(weight, scales)), file, shard.size > 1
@@ -165,7 +165,7 @@ def dummy_weights(config: Grok1Config, seed: int) -> Iterator[tuple[str, object,
 
 
 def load_model(source: str | Path, dtype: str = "float32", *, load_format: str = "auto", seed: int = 0,
-               shard: Shard = Shard(), comm: Comm | None = None, int8: bool | None = None,
+               shard: Shard | None = None, comm: Comm | None = None, int8: bool | None = None,
                device: str | torch.device = "cpu") -> Grok1:
     """A preset name (random weights) or a checkpoint directory -> the model, ready for inference.
 
@@ -198,13 +198,13 @@ def load_model(source: str | Path, dtype: str = "float32", *, load_format: str =
     device = torch.device(device)
     if int8 is None:
         int8 = device.type == "cuda"
-    model = Grok1(config, TORCH_DTYPES[dtype], int8=int8, shard=shard, comm=comm)
+    model = Grok1(config, TORCH_DTYPES[dtype], int8=int8, shard=shard or Shard(), comm=comm)
     if load_format == "dummy":
         tensors = dummy_weights(config, seed)
     elif load_format == "release":
         tensors = iter_release(path, config)
     elif load_format == "safetensors":
-        tensors = iter_safetensors(path, config, shard)
+        tensors = iter_safetensors(path, config, shard or Shard())
     else:
         from services.model.hf_format import iter_hf
         tensors = iter_hf(path, config)

@@ -16,6 +16,18 @@ def ffn_size(emb_size: int, widening_factor: float) -> int:
     return size + (8 - size) % 8
 
 
+# The reference's own names, as in ../grok1-reference/tiny/config.json.
+_REFERENCE_KEYS = {
+    "vocab_size": "vocab_size", "emb_size": "emb_size", "key_size": "key_size",
+    "num_q_heads": "num_q_heads", "num_kv_heads": "num_kv_heads", "num_layers": "num_layers",
+    "widening_factor": "widening_factor", "num_experts": "num_experts",
+    "num_selected_experts": "num_selected_experts", "attn_output_multiplier": "attn_output_multiplier",
+    "embedding_multiplier_scale": "embedding_multiplier_scale",
+    "output_multiplier_scale": "output_multiplier_scale", "pad_token": "pad_token_id",
+    "eos_token": "eos_token_id", "sequence_len": "max_seq_len", "int8_row_blocks": "int8_row_blocks",
+}
+
+
 @dataclass(frozen=True)
 class Grok1Config:
     vocab_size: int = 131072
@@ -93,27 +105,17 @@ class Grok1Config:
         layer = attn + d * e + 3 * e * d * f + 4 * d
         return self.num_layers * layer + self.vocab_size * d + d
 
-    def replace(self, **changes) -> "Grok1Config":
+    def replace(self, **changes) -> Grok1Config:
         return dataclasses.replace(self, **changes)
 
-    # The reference's own names, as in ../grok1-reference/tiny/config.json.
-    _REFERENCE_KEYS = {
-        "vocab_size": "vocab_size", "emb_size": "emb_size", "key_size": "key_size",
-        "num_q_heads": "num_q_heads", "num_kv_heads": "num_kv_heads", "num_layers": "num_layers",
-        "widening_factor": "widening_factor", "num_experts": "num_experts",
-        "num_selected_experts": "num_selected_experts", "attn_output_multiplier": "attn_output_multiplier",
-        "embedding_multiplier_scale": "embedding_multiplier_scale",
-        "output_multiplier_scale": "output_multiplier_scale", "pad_token": "pad_token_id",
-        "eos_token": "eos_token_id", "sequence_len": "max_seq_len", "int8_row_blocks": "int8_row_blocks",
-    }
 
     @classmethod
-    def from_reference_dict(cls, data: dict) -> "Grok1Config":
+    def from_reference_dict(cls, data: dict) -> Grok1Config:
         derived = {"ffn_size"}
-        unknown = set(data) - set(cls._REFERENCE_KEYS) - derived
+        unknown = set(data) - set(_REFERENCE_KEYS) - derived
         if unknown:
             raise ValueError(f"unknown keys in Grok-1 config: {sorted(unknown)}")
-        kwargs = {cls._REFERENCE_KEYS[k]: v for k, v in data.items() if k in cls._REFERENCE_KEYS}
+        kwargs = {_REFERENCE_KEYS[k]: v for k, v in data.items() if k in _REFERENCE_KEYS}
         config = cls(**kwargs)
         if "ffn_size" in data and data["ffn_size"] != config.ffn_size:
             raise ValueError(f"config ffn_size {data['ffn_size']} disagrees with the one derived from "
@@ -121,12 +123,12 @@ class Grok1Config:
         return config
 
     def to_reference_dict(self) -> dict:
-        out = {ref: getattr(self, ours) for ref, ours in self._REFERENCE_KEYS.items()}
+        out = {ref: getattr(self, ours) for ref, ours in _REFERENCE_KEYS.items()}
         out["ffn_size"] = self.ffn_size
         return out
 
     @classmethod
-    def from_dir(cls, path: str | Path) -> "Grok1Config":
+    def from_dir(cls, path: str | Path) -> Grok1Config:
         """A checkpoint directory's config.json, or Grok-1 itself when there is none (the release)."""
         config_file = Path(path) / "config.json"
         if not config_file.exists():

@@ -170,8 +170,9 @@ class InOutEmbed(nn.Module):
 
 class Grok1(nn.Module):
     def __init__(self, config: Grok1Config, dtype: torch.dtype = torch.float32, *, int8: bool = False,
-                 shard: Shard = Shard(), comm: Comm | None = None):
+                 shard: Shard | None = None, comm: Comm | None = None):
         super().__init__()
+        shard = shard or Shard()
         shard.check(config)
         self.config, self.dtype, self.shard = config, dtype, shard
         self.comm = comm if comm is not None else SingleRank()

@@ -34,7 +34,7 @@ class CheckpointError(ValueError):
 class QuantizedWeight8bit:
     """The release's int8 weight record: `weight` int8 [..., in, out], `scales` bfloat16 [..., R, out]."""
 
-    __slots__ = ("weight", "scales")
+    __slots__ = ("scales", "weight")
 
     def __init__(self, weight: np.ndarray | None = None, scales: np.ndarray | None = None):
         self.weight, self.scales = weight, scales

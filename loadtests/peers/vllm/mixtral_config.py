@@ -108,7 +108,7 @@ def load_json_dims(path: str) -> dict[str, Any]:
     with open(path, encoding="utf-8") as f:
         data = json.load(f)
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object")
+        raise TypeError(f"{path}: expected a JSON object")
     for nest in ("model", "config"):
         if isinstance(data.get(nest), dict):
             data = {**data, **data[nest]}

@@ -4,8 +4,10 @@
 Builds (or reuses) a Mixtral model directory with the grok-serve preset's
 shape, starts ``vllm.LLM`` with dummy weights and no tokenizer, and times one
 ``LLM.generate`` call over a fixed synthetic workload after a warm-up.
-The result is printed as ONE JSON line on stdout (the last line; vLLM's own
-log lines go before it), and optionally written to ``--json-out``.
+The result is printed as ONE JSON line on stdout (vLLM's log lines are sent
+to stderr via VLLM_LOGGING_STREAM; a few non-vLLM warnings may still reach
+stdout, so take the last line that starts with ``{``), and optionally written
+to ``--json-out``.
 
 Example::
 
@@ -115,6 +117,8 @@ def configure_env(args: argparse.Namespace) -> dict[str, str]:
     put("VLLM_CPU_KVCACHE_SPACE", args.kv_cache_gib, "4")
     put("VLLM_CPU_OMP_THREADS_BIND", args.threads_bind, "auto")
     put("VLLM_CPU_NUM_OF_RESERVED_CPU", args.reserved_cpus, None)
+    # vLLM logs to stdout by default; keep stdout for the JSON result.
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
     # No hub access here; never try to reach one.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -233,15 +237,15 @@ def main(argv: list[str] | None = None) -> int:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    engine_kwargs: dict[str, Any] = dict(
-        model=model_dir,
-        load_format="dummy",
-        skip_tokenizer_init=True,
-        dtype=args.dtype,
-        max_model_len=max_model_len,
-        seed=args.seed,
-        enforce_eager=args.enforce_eager,
-    )
+    engine_kwargs: dict[str, Any] = {
+        "model": model_dir,
+        "load_format": "dummy",
+        "skip_tokenizer_init": True,
+        "dtype": args.dtype,
+        "max_model_len": max_model_len,
+        "seed": args.seed,
+        "enforce_eager": args.enforce_eager,
+    }
     if args.max_num_seqs is not None:
         engine_kwargs["max_num_seqs"] = args.max_num_seqs
     if args.max_num_batched_tokens is not None:
@@ -296,8 +300,8 @@ def main(argv: list[str] | None = None) -> int:
         cache["max_num_batched_tokens"] = sc.max_num_batched_tokens
         comp = llm.llm_engine.vllm_config.compilation_config
         cache["compilation_mode"] = str(comp.mode)
-    except Exception:  # noqa: BLE001 - internals differ between versions
-        pass
+    except Exception as e:  # noqa: BLE001 - internals differ between versions
+        cache["engine_config_error"] = repr(e)
 
     expected = args.num_requests * args.output_len
     result = {
