@@ -148,7 +148,7 @@ def communication_table(config: Grok1Config, size: int, latency_us: float) -> li
 
 
 def memory_table(config: Grok1Config) -> list[str]:
-    lines = [_row("GPU", "N", "weights", "experts", "attention", "embedding", "other", "weights / GPU",
+    lines = [_row("GPU", "N", "weight dtype", "experts", "attention", "embedding", "other", "weights / GPU",
                   "KV / token / GPU", "KV budget / GPU", "max tokens in cache",
                   f"{config.max_seq_len}-token sequences"), _rule(12)]
     for gpu in GPUS:

@@ -312,7 +312,7 @@ class _Replica:
         params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
         engine = LLMEngine(EngineConfig(model="tiny", parallel_size=2))
         try:
-            owned = engine.group._placement.owned
+            owned = engine.group.placement.owned
             tokens = _run_one(engine, params)
         finally:
             engine.runner.shutdown()

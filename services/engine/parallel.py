@@ -171,13 +171,6 @@ class TorchDistComm:
             self.backend.allgather([parts], [x]).wait()
         return torch.cat(parts, dim=dim)
 
-    def broadcast(self, x: torch.Tensor, root: int = 0) -> torch.Tensor:
-        opts = dist.BroadcastOptions()
-        opts.rootRank = root
-        with self.timer:
-            self.backend.broadcast([x], opts).wait()
-        return x
-
     def all_to_all(self, x: torch.Tensor, output_splits: list[int], input_splits: list[int]) -> torch.Tensor:
         """Rows of x [sum(input_splits), ...] sent in order, input_splits[r] of them to rank r."""
         out = x.new_empty((sum(output_splits), *x.shape[1:]))
@@ -257,6 +250,8 @@ def join(rdv: Rendezvous, rank: int, device: torch.device, store: dist.Store | N
     control = dist.ProcessGroupGloo(dist.PrefixStore("control", store), rank, rdv.size, opts)
     control.set_timeout(_seconds(rdv.collective_timeout_s))
     if rdv.use_nccl:
+        if device.index is None:  # "cuda": the GPU Ray made visible, or the process's current one
+            device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)
         nccl_opts = dist.ProcessGroupNCCL.Options()
         nccl_opts._timeout = _seconds(rdv.collective_timeout_s)
@@ -337,7 +332,7 @@ class ParallelGroup:
         self.load_reports = load_reports  # one LoadReport per rank, rank 0 first
         self.collective_timeout_s = collective_timeout_s
         self.error: ParallelGroupError | None = None
-        self._placement = placement
+        self.placement = placement
         self._loops: list = []
         self._finalizer = weakref.finalize(self, _release, rank0, workers, placement)
 
