@@ -147,6 +147,8 @@ def main(argv: list[str] | None = None) -> None:
     bandwidth = copy_bandwidth(device)
     print(f"machine: {machine()}" + (f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""))
     print(f"copy bandwidth: {bandwidth:.1f} GB/s (read + write, 512 MiB buffers)")
+    # Other processes on the machine skew every figure: say how busy it was.
+    print(f"load average at start: {os.getloadavg()[0]:.2f}")
     print()
     print("| shape | weights | tokens | ours ms | naive ms | speedup | ours GB/s | naive GB/s "
           "| ours TFLOP/s | naive TFLOP/s | ours / copy BW | rel. diff |")
@@ -167,6 +169,7 @@ def main(argv: list[str] | None = None) -> None:
                       f"{naive_gbs:.1f} | {r['flops'] / r['ours_s'] / 1e12:.3f} | "
                       f"{r['flops'] / r['naive_s'] / 1e12:.3f} | {fraction} | {r['rel_err']:.1e} |", flush=True)
             del experts, peer
+    print(f"\nload average at end: {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":

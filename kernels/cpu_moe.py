@@ -11,8 +11,9 @@ ways around it, both streaming each weight byte from DRAM once, in its stored wi
 """
 from __future__ import annotations
 
-import threading
+import functools
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -102,28 +103,47 @@ def _single_core_gemv(experts: ExpertWeights, x: torch.Tensor) -> bool:
     return x.dtype == experts.w13.dtype == experts.w2.dtype == torch.bfloat16
 
 
+@functools.cache
+def _helper_threads(num_threads: int) -> ThreadPoolExecutor:
+    """Process-wide helper threads, made on first use and kept, as torch keeps its own: a thread
+    started per call pays its start-up and torch's per-thread set-up every call."""
+    return ThreadPoolExecutor(max_workers=num_threads, thread_name_prefix="moe-gemv")
+
+
 def _run_concurrently(tasks: list[Callable[[], torch.Tensor]], num_threads: int) -> list[torch.Tensor]:
     """Results of tasks in order, computed on num_threads threads (this one included)."""
+    helpers = _helper_threads(num_threads - 1)
+    groups = [range(t, len(tasks), num_threads) for t in range(num_threads)]
+    futures = [helpers.submit(lambda g=g: [tasks[i]() for i in g]) for g in groups[1:]]
     results: list = [None] * len(tasks)
-    errors: list[BaseException] = []
-
-    def work(indices: range) -> None:
-        try:
-            for i in indices:
-                results[i] = tasks[i]()
-        except BaseException as exc:  # noqa: BLE001 (re-raised on the calling thread)
-            errors.append(exc)
-
-    helpers = [threading.Thread(target=work, args=(range(t, len(tasks), num_threads),))
-               for t in range(1, num_threads)]
-    for helper in helpers:
-        helper.start()
-    work(range(0, len(tasks), num_threads))
-    for helper in helpers:
-        helper.join()
-    if errors:
-        raise errors[0]
+    for group, outputs in zip(groups, [[tasks[i]() for i in groups[0]]] + [f.result() for f in futures]):
+        for i, output in zip(group, outputs):
+            results[i] = output
     return results
+
+
+def _grouped_mm_applies(experts: ExpertWeights, x: torch.Tensor) -> bool:
+    # torch._grouped_mm has a fast CPU kernel for float32 only (bfloat16 takes the scalar fallback).
+    return hasattr(torch, "_grouped_mm") and x.dtype == experts.w13.dtype == experts.w2.dtype == torch.float32
+
+
+def _grouped_float32_experts(x: torch.Tensor, experts: ExpertWeights, work: list, flat_gates: torch.Tensor,
+                             top_k: int, out: torch.Tensor) -> None:
+    """All experts in two grouped GEMMs over the slots sorted by expert: one gather, one activation,
+    one scatter, and torch spreads the groups over its threads instead of splitting each small GEMM."""
+    if not work:
+        return
+    counts = torch.zeros(experts.num_experts, dtype=torch.int64)
+    for e, slots in work:
+        counts[e] = slots.numel()
+    slots = torch.cat([slots for _, slots in work])  # [n] by expert
+    tokens = slots // top_k
+    ends = torch.cumsum(counts, 0).to(torch.int32)  # [L] group ends; empty groups allowed
+    ab = torch._grouped_mm(x.index_select(0, tokens), experts.w13, offs=ends)  # [n, 2F]
+    ffn = experts.ffn_size
+    h = gelu_tanh(ab[:, :ffn]).mul_(ab[:, ffn:])  # [n, F]
+    y = torch._grouped_mm(h, experts.w2, offs=ends)  # [n, D]
+    out.index_add_(0, tokens, y.mul_(flat_gates.index_select(0, slots)[:, None]))
 
 
 def fused_moe_cpu(x: torch.Tensor, router_logits: torch.Tensor, experts: ExpertWeights, top_k: int,
@@ -153,6 +173,8 @@ def fused_moe_cpu(x: torch.Tensor, router_logits: torch.Tensor, experts: ExpertW
             outputs = [task() for task in tasks]
         for (_, slot), y in zip(work, outputs):  # a fixed order: the sum is deterministic
             out.add_(y.mul_(flat_gates[slot]))
+    elif _grouped_mm_applies(experts, x):
+        _grouped_float32_experts(x, experts, work, flat_gates, top_k, out)
     else:
         for e, slots in work:
             tokens = slots // top_k

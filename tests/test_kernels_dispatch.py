@@ -109,24 +109,27 @@ def test_cpu_path_runs_one_row_bf16_experts_side_by_side(monkeypatch):
     experts = random_experts(4, 512, 512, torch.bfloat16, seed=20)  # 1.5 MiB per expert: threads pay off
     gen = torch.Generator().manual_seed(21)
     x, logits = torch.randn(1, 512, generator=gen).bfloat16(), torch.randn(1, 4, generator=gen)
-    started = []
-    monkeypatch.setattr(cpu_moe.threading, "Thread", _recording_thread(started))
+    calls = []
+    run_concurrently = cpu_moe._run_concurrently
+    monkeypatch.setattr(cpu_moe, "_run_concurrently", lambda *args: calls.append(args) or run_concurrently(*args))
     threaded = fused_moe(x, logits, experts, 2)
-    assert started or torch.get_num_threads() == 1
+    assert len(calls) == (torch.get_num_threads() > 1)
     monkeypatch.setattr(cpu_moe, "_THREAD_MIN_BYTES", 1 << 40)
     assert torch.equal(fused_moe(x, logits, experts, 2), threaded)  # same sum, same order
     assert_close_rel(threaded, reference.fused_moe(x, logits, experts, 2), 1e-2)
 
 
-def _recording_thread(started: list):
-    import threading
+def test_run_concurrently_keeps_order_and_raises():
+    from kernels.cpu_moe import _run_concurrently
 
-    class RecordingThread(threading.Thread):
-        def start(self):
-            started.append(self)
-            super().start()
+    tasks = [lambda i=i: torch.tensor(i) for i in range(5)]
+    assert [int(t) for t in _run_concurrently(tasks, 2)] == [0, 1, 2, 3, 4]
 
-    return RecordingThread
+    def boom():
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        _run_concurrently([tasks[0], boom, tasks[2]], 2)
 
 
 def test_expert_map_partial_sums_add_up_to_the_full_layer():
