@@ -4,16 +4,11 @@ CPU GEMMs are fast here only in float32 (AVX2, no native bfloat16): torch's bflo
 the checkpoint's [in, out] layout takes a scalar fallback, tens of times slower than float32. Two
 ways around it, both streaming each weight byte from DRAM once, in its stored width:
 - one token on an expert: torch.mv on the transposed view, whose bfloat16 kernel is vectorized and
-  accumulates in float32 (it rounds once, to bfloat16). It runs on one core, so such experts run
-  side by side on threads (torch ops release the GIL);
+  accumulates in float32 (it rounds once, to bfloat16);
 - more tokens: the weight is widened to float32 in row chunks that stay in cache, each chunk
   consumed by an addmm before the next is made.
 """
 from __future__ import annotations
-
-import functools
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -27,8 +22,6 @@ from .reference import gelu_tanh, softmax_topk
 # float32 bytes of one widened weight chunk: large enough that per-chunk op overhead is small next
 # to its GEMM, small enough to stay in L2 between the widening and the addmm that reads it.
 _CHUNK_BYTES = 1 << 20
-# Bytes of one expert below which starting a thread costs more than the work it would overlap.
-_THREAD_MIN_BYTES = 1 << 20
 
 
 def _widen_chunk(out: torch.Tensor, weight: torch.Tensor, scale_row: torch.Tensor | None,
@@ -98,30 +91,6 @@ def _slots_by_expert(local: torch.Tensor, num_local: int, one_token: bool):
             start += n
 
 
-def _single_core_gemv(experts: ExpertWeights, x: torch.Tensor) -> bool:
-    """True when every expert with one row runs on torch.mv's one-core bfloat16 kernel."""
-    return x.dtype == experts.w13.dtype == experts.w2.dtype == torch.bfloat16
-
-
-@functools.cache
-def _helper_threads(num_threads: int) -> ThreadPoolExecutor:
-    """Process-wide helper threads, made on first use and kept, as torch keeps its own: a thread
-    started per call pays its start-up and torch's per-thread set-up every call."""
-    return ThreadPoolExecutor(max_workers=num_threads, thread_name_prefix="moe-gemv")
-
-
-def _run_concurrently(tasks: list[Callable[[], torch.Tensor]], num_threads: int) -> list[torch.Tensor]:
-    """Results of tasks in order, computed on num_threads threads (this one included)."""
-    helpers = _helper_threads(num_threads - 1)
-    groups = [range(t, len(tasks), num_threads) for t in range(num_threads)]
-    futures = [helpers.submit(lambda g=g: [tasks[i]() for i in g]) for g in groups[1:]]
-    results: list = [None] * len(tasks)
-    for group, outputs in zip(groups, [[tasks[i]() for i in groups[0]]] + [f.result() for f in futures]):
-        for i, output in zip(group, outputs):
-            results[i] = output
-    return results
-
-
 def _grouped_mm_applies(experts: ExpertWeights, x: torch.Tensor) -> bool:
     # torch._grouped_mm has a fast CPU kernel for float32 only (bfloat16 takes the scalar fallback).
     return hasattr(torch, "_grouped_mm") and x.dtype == experts.w13.dtype == experts.w2.dtype == torch.float32
@@ -163,16 +132,8 @@ def fused_moe_cpu(x: torch.Tensor, router_logits: torch.Tensor, experts: ExpertW
     flat_gates = gates.view(-1)  # [S]
     work = list(_slots_by_expert(local, experts.num_experts, num_tokens == 1))
     if num_tokens == 1:
-        # No gather or scatter: the row is the token.
-        tasks = [lambda e=e: expert_mlp(x, experts, e) for e, _ in work]
-        expert_bytes = experts.w13[0].nbytes + experts.w2[0].nbytes
-        num_threads = min(len(tasks), torch.get_num_threads())
-        if num_threads > 1 and expert_bytes >= _THREAD_MIN_BYTES and _single_core_gemv(experts, x):
-            outputs = _run_concurrently(tasks, num_threads)
-        else:
-            outputs = [task() for task in tasks]
-        for (_, slot), y in zip(work, outputs):  # a fixed order: the sum is deterministic
-            out.add_(y.mul_(flat_gates[slot]))
+        for e, slot in work:  # no gather or scatter: the row is the token
+            out.add_(expert_mlp(x, experts, e).mul_(flat_gates[slot]))
     elif _grouped_mm_applies(experts, x):
         _grouped_float32_experts(x, experts, work, flat_gates, top_k, out)
     else:

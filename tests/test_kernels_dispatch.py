@@ -103,35 +103,6 @@ def test_cpu_path_half_activations_match_reference(act_dtype, weight_dtype, num_
     assert_close_rel(out, naive_moe_fp32(x.float(), logits, experts, 2), 3e-2)
 
 
-def test_cpu_path_runs_one_row_bf16_experts_side_by_side(monkeypatch):
-    from kernels import cpu_moe
-
-    experts = random_experts(4, 512, 512, torch.bfloat16, seed=20)  # 1.5 MiB per expert: threads pay off
-    gen = torch.Generator().manual_seed(21)
-    x, logits = torch.randn(1, 512, generator=gen).bfloat16(), torch.randn(1, 4, generator=gen)
-    calls = []
-    run_concurrently = cpu_moe._run_concurrently
-    monkeypatch.setattr(cpu_moe, "_run_concurrently", lambda *args: calls.append(args) or run_concurrently(*args))
-    threaded = fused_moe(x, logits, experts, 2)
-    assert len(calls) == (torch.get_num_threads() > 1)
-    monkeypatch.setattr(cpu_moe, "_THREAD_MIN_BYTES", 1 << 40)
-    assert torch.equal(fused_moe(x, logits, experts, 2), threaded)  # same sum, same order
-    assert_close_rel(threaded, reference.fused_moe(x, logits, experts, 2), 1e-2)
-
-
-def test_run_concurrently_keeps_order_and_raises():
-    from kernels.cpu_moe import _run_concurrently
-
-    tasks = [lambda i=i: torch.tensor(i) for i in range(5)]
-    assert [int(t) for t in _run_concurrently(tasks, 2)] == [0, 1, 2, 3, 4]
-
-    def boom():
-        raise RuntimeError("boom")
-
-    with pytest.raises(RuntimeError, match="boom"):
-        _run_concurrently([tasks[0], boom, tasks[2]], 2)
-
-
 def test_expert_map_partial_sums_add_up_to_the_full_layer():
     experts = random_experts(8, 32, 24, seed=9)
     gen = torch.Generator().manual_seed(10)
