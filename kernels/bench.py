@@ -54,10 +54,17 @@ def copy_bandwidth(device: torch.device, nbytes: int = 1 << 29, reps: int = 7) -
     return 2 * nbytes / statistics.median(times[1:]) / 1e9
 
 
-def make_experts(shape: BenchShape, dtype: torch.dtype, seed: int, device: torch.device) -> ExpertWeights:
+STORAGES = ("in-out", "out-in")  # the checkpoint's order, nn.Linear's order (passed as [in, out] views)
+
+
+def make_experts(shape: BenchShape, dtype: torch.dtype, seed: int, device: torch.device,
+                 storage: str = "in-out") -> ExpertWeights:
     gen = torch.Generator().manual_seed(seed)
     w13 = torch.randn(shape.num_local, shape.hidden, 2 * shape.ffn, generator=gen) * shape.hidden ** -0.5
     w2 = torch.randn(shape.num_local, shape.ffn, shape.hidden, generator=gen) * shape.ffn ** -0.5
+    if storage == "out-in":
+        return ExpertWeights(w13.transpose(1, 2).to(device, dtype).contiguous().transpose(1, 2),
+                             w2.transpose(1, 2).to(device, dtype).contiguous().transpose(1, 2))
     return ExpertWeights(w13.to(device, dtype), w2.to(device, dtype))
 
 
@@ -141,6 +148,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--min-reps", type=int, default=5)
     parser.add_argument("--budget", type=float, default=3.0, help="seconds of timing per case, at least")
     parser.add_argument("--device", default="cpu", help="cpu, or cuda for the Triton path on a GPU")
+    parser.add_argument("--storage", default=",".join(STORAGES),
+                        help="how our expert weights are stored: in-out (checkpoint), out-in (nn.Linear)")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
@@ -150,25 +159,27 @@ def main(argv: list[str] | None = None) -> None:
     # Other processes on the machine skew every figure: say how busy it was.
     print(f"load average at start: {os.getloadavg()[0]:.2f}")
     print()
-    print("| shape | weights | tokens | ours ms | naive ms | speedup | ours GB/s | naive GB/s "
+    print("| shape | weights | ours stored | tokens | ours ms | naive ms | speedup | ours GB/s | naive GB/s "
           "| ours TFLOP/s | naive TFLOP/s | ours / copy BW | rel. diff |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for shape_name in args.shapes.split(","):
         shape = SHAPES[shape_name]
         for dtype_name in args.dtypes.split(","):
             dtype = DTYPES[dtype_name]
-            experts = make_experts(shape, dtype, 0, device)
-            peer = LinearExperts.from_expert_weights(experts)
-            for num_tokens in (int(b) for b in args.batches.split(",")):
-                r = bench_case(shape, dtype, num_tokens, experts, peer, args.min_reps, args.budget)
-                ours_gbs = r["weight_bytes"] / r["ours_s"] / 1e9
-                naive_gbs = r["weight_bytes"] / r["naive_s"] / 1e9
-                fraction = f"{ours_gbs / bandwidth:.0%}" if num_tokens == 1 else ""
-                print(f"| {shape_name} | {dtype_name} | {num_tokens} | {r['ours_s'] * 1e3:.2f} | "
-                      f"{r['naive_s'] * 1e3:.2f} | {r['naive_s'] / r['ours_s']:.2f}x | {ours_gbs:.1f} | "
-                      f"{naive_gbs:.1f} | {r['flops'] / r['ours_s'] / 1e12:.3f} | "
-                      f"{r['flops'] / r['naive_s'] / 1e12:.3f} | {fraction} | {r['rel_err']:.1e} |", flush=True)
-            del experts, peer
+            for storage in args.storage.split(","):
+                experts = make_experts(shape, dtype, 0, device, storage)
+                # The peer keeps its own [out, in] weights, as nn.Linear does (views when ours are stored so).
+                peer = LinearExperts.from_expert_weights(experts)
+                for num_tokens in (int(b) for b in args.batches.split(",")):
+                    r = bench_case(shape, dtype, num_tokens, experts, peer, args.min_reps, args.budget)
+                    ours_gbs = r["weight_bytes"] / r["ours_s"] / 1e9
+                    naive_gbs = r["weight_bytes"] / r["naive_s"] / 1e9
+                    fraction = f"{ours_gbs / bandwidth:.0%}" if num_tokens == 1 else ""
+                    print(f"| {shape_name} | {dtype_name} | {storage} | {num_tokens} | {r['ours_s'] * 1e3:.2f} | "
+                          f"{r['naive_s'] * 1e3:.2f} | {r['naive_s'] / r['ours_s']:.2f}x | {ours_gbs:.1f} | "
+                          f"{naive_gbs:.1f} | {r['flops'] / r['ours_s'] / 1e12:.3f} | "
+                          f"{r['flops'] / r['naive_s'] / 1e12:.3f} | {fraction} | {r['rel_err']:.1e} |", flush=True)
+                del experts, peer
     print(f"\nload average at end: {os.getloadavg()[0]:.2f}")
 
 

@@ -1,12 +1,14 @@
 """The MoE layer on CPU with torch ops: a loop over only the experts that received tokens.
 
-CPU GEMMs are fast here only in float32 (AVX2, no native bfloat16): torch's bfloat16 matmul with
-the checkpoint's [in, out] layout takes a scalar fallback, tens of times slower than float32. Two
-ways around it, both streaming each weight byte from DRAM once, in its stored width:
-- one token on an expert: torch.mv on the transposed view, whose bfloat16 kernel is vectorized and
-  accumulates in float32 (it rounds once, to bfloat16);
-- more tokens: the weight is widened to float32 in row chunks that stay in cache, each chunk
-  consumed by an addmm before the next is made.
+CPU GEMMs are fast here in float32 (MKL). In bfloat16 (AVX2, no native support) torch has fast
+kernels only for some shapes and layouts, so the path depends on how a weight is stored:
+- stored [out, in] (a transposed view passed as [in, out], the layout of nn.Linear): torch's
+  dot-product kernels (vectorized, float32 accumulation, one rounding) for a few rows;
+- stored [in, out] (the checkpoint's layout): torch.mv for one row, whose kernel is vectorized and
+  accumulates in float32; torch's bfloat16 matmul would take a scalar fallback, tens of times slower;
+- otherwise (more rows, int8, mixed dtypes): the weight is widened to float32 in chunks that stay in
+  cache, each chunk consumed by a float32 GEMM before the next is made. DRAM sees each weight byte
+  once, in its stored width.
 """
 from __future__ import annotations
 
@@ -14,14 +16,18 @@ import torch
 
 from .expert_weights import ExpertWeights
 from .moe_inputs import check_moe_inputs
-from .reference import gelu_tanh, softmax_topk
+from .reference import dequantize, gelu_tanh, softmax_topk
 
 # Legend: T = tokens, K = top_k, S = T * K slots, E = experts (global), L = local experts, D = hidden,
 # F = ffn, N = a weight's output columns, R = scale row blocks, n = slots of one expert.
 
 # float32 bytes of one widened weight chunk: large enough that per-chunk op overhead is small next
-# to its GEMM, small enough to stay in L2 between the widening and the addmm that reads it.
-_CHUNK_BYTES = 1 << 20
+# to its GEMM, small enough to stay in L3 between the widening and the GEMM that reads it. Measured
+# on the cpu-bench shape: 4 MiB chunks beat 256 KiB ones by 3x at 4 to 16 rows.
+_CHUNK_BYTES = 4 << 20
+# Rows up to which torch's bfloat16 dot-product kernels beat widening to float32: their cost grows
+# with every row (each converts the whole weight again), widening pays the conversion once.
+_DOT_KERNEL_MAX_ROWS = 3
 
 
 def _widen_chunk(out: torch.Tensor, weight: torch.Tensor, scale_row: torch.Tensor | None,
@@ -38,18 +44,45 @@ def _widen_chunk(out: torch.Tensor, weight: torch.Tensor, scale_row: torch.Tenso
         out.copy_(weight.to(act_dtype))
 
 
-def matmul_weight(a: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:
-    """a [n, K] in the activation dtype @ weight [K, N] (any stored dtype, int8 with scales [R, N])
-    -> float32 [n, N], with the reference's numerics (weights rounded to a's dtype)."""
-    act_dtype = a.dtype
-    if weight.dtype == torch.float32 and act_dtype == torch.float32:
+def _find_onednn_linear():
+    try:
+        return torch.ops.mkldnn._linear_pointwise if torch.backends.mkldnn.is_available() else None
+    except (AttributeError, RuntimeError):
+        return None
+
+
+# oneDNN's inner product. MKL's sgemm takes a generic path on AMD CPUs; oneDNN is up to 2x faster
+# on the few-row GEMMs of decode here, and never slower in float32. (No bfloat16 on AVX2.)
+_ONEDNN_LINEAR = _find_onednn_linear()
+
+
+def float32_mm(a: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """a float32 [n, K] @ weight float32 [K, N], either storage order."""
+    if _ONEDNN_LINEAR is None:
         return a @ weight
-    if a.shape[0] == 1 and scales is None and weight.dtype == act_dtype == torch.bfloat16:
-        return torch.mv(weight.t(), a[0]).float()[None]
+    return _ONEDNN_LINEAR(a, weight.t(), None, "none", [], "")
+
+
+def stored_transposed(weight: torch.Tensor) -> bool:
+    """True for a [K, N] view of [N, K] storage (nn.Linear's layout): columns are contiguous."""
+    return weight.stride(0) == 1 and weight.shape[1] > 1
+
+
+def _widened_matmul(a: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None,
+                    act_dtype: torch.dtype) -> torch.Tensor:
+    """a float32 [n, K] @ weight [K, N] widened chunk by chunk -> float32 [n, N]."""
     rows, cols = weight.shape
+    if stored_transposed(weight):
+        # Chunks of whole columns, contiguous in storage: out[:, cols] = a @ chunk.
+        chunk_cols = max(8, min(cols, _CHUNK_BYTES // (4 * rows)))
+        out = torch.empty(a.shape[0], cols, dtype=torch.float32)
+        for n0 in range(0, cols, chunk_cols):
+            n1 = min(cols, n0 + chunk_cols)
+            chunk_scales = None if scales is None else scales[:, n0:n1]
+            out[:, n0:n1] = float32_mm(a, dequantize(weight[:, n0:n1], chunk_scales, act_dtype).float())
+        return out
     rows_per_scale = rows if scales is None else rows // scales.shape[0]
     chunk_rows = max(8, min(rows, _CHUNK_BYTES // (4 * cols)))
-    a = a.float()
     out = torch.zeros(a.shape[0], cols, dtype=torch.float32)
     buf = torch.empty(chunk_rows, cols, dtype=torch.float32)
     k0 = 0
@@ -59,9 +92,24 @@ def matmul_weight(a: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | 
         chunk = buf[: k1 - k0]
         scale_row = None if scales is None else scales[k0 // rows_per_scale].float()
         _widen_chunk(chunk, weight[k0:k1], scale_row, act_dtype)
-        out.addmm_(a[:, k0:k1], chunk)
+        out.add_(float32_mm(a[:, k0:k1], chunk))
         k0 = k1
     return out
+
+
+def matmul_weight(a: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:
+    """a [n, K] in the activation dtype @ weight [K, N] (any stored dtype and order, int8 with scales
+    [R, N]) -> float32 [n, N], with the reference's numerics (weights rounded to a's dtype)."""
+    act_dtype = a.dtype
+    if weight.dtype == torch.float32 and act_dtype == torch.float32:
+        return float32_mm(a, weight)
+    if scales is None and weight.dtype == act_dtype == torch.bfloat16:
+        if stored_transposed(weight):
+            if a.shape[0] <= _DOT_KERNEL_MAX_ROWS:
+                return (a @ weight).float()
+        elif a.shape[0] == 1:
+            return torch.mv(weight.t(), a[0]).float()[None]
+    return _widened_matmul(a.float(), weight, scales, act_dtype)
 
 
 def expert_mlp(x: torch.Tensor, experts: ExpertWeights, e: int) -> torch.Tensor:
@@ -91,30 +139,6 @@ def _slots_by_expert(local: torch.Tensor, num_local: int, one_token: bool):
             start += n
 
 
-def _grouped_mm_applies(experts: ExpertWeights, x: torch.Tensor) -> bool:
-    # torch._grouped_mm has a fast CPU kernel for float32 only (bfloat16 takes the scalar fallback).
-    return hasattr(torch, "_grouped_mm") and x.dtype == experts.w13.dtype == experts.w2.dtype == torch.float32
-
-
-def _grouped_float32_experts(x: torch.Tensor, experts: ExpertWeights, work: list, flat_gates: torch.Tensor,
-                             top_k: int, out: torch.Tensor) -> None:
-    """All experts in two grouped GEMMs over the slots sorted by expert: one gather, one activation,
-    one scatter, and torch spreads the groups over its threads instead of splitting each small GEMM."""
-    if not work:
-        return
-    counts = torch.zeros(experts.num_experts, dtype=torch.int64)
-    for e, slots in work:
-        counts[e] = slots.numel()
-    slots = torch.cat([slots for _, slots in work])  # [n] by expert
-    tokens = slots // top_k
-    ends = torch.cumsum(counts, 0).to(torch.int32)  # [L] group ends; empty groups allowed
-    ab = torch._grouped_mm(x.index_select(0, tokens), experts.w13, offs=ends)  # [n, 2F]
-    ffn = experts.ffn_size
-    h = gelu_tanh(ab[:, :ffn]).mul_(ab[:, ffn:])  # [n, F]
-    y = torch._grouped_mm(h, experts.w2, offs=ends)  # [n, D]
-    out.index_add_(0, tokens, y.mul_(flat_gates.index_select(0, slots)[:, None]))
-
-
 def fused_moe_cpu(x: torch.Tensor, router_logits: torch.Tensor, experts: ExpertWeights, top_k: int,
                   expert_map: torch.Tensor | None = None,
                   expert_counts_out: torch.Tensor | None = None) -> torch.Tensor:
@@ -134,8 +158,6 @@ def fused_moe_cpu(x: torch.Tensor, router_logits: torch.Tensor, experts: ExpertW
     if num_tokens == 1:
         for e, slot in work:  # no gather or scatter: the row is the token
             out.add_(expert_mlp(x, experts, e).mul_(flat_gates[slot]))
-    elif _grouped_mm_applies(experts, x):
-        _grouped_float32_experts(x, experts, work, flat_gates, top_k, out)
     else:
         for e, slots in work:
             tokens = slots // top_k

@@ -12,18 +12,23 @@ from kernels.routing import padded_capacity
 
 
 def random_experts(num_experts: int, hidden: int, ffn: int, weight_dtype: torch.dtype = torch.float32,
-                   rows13: int = 1, rows2: int = 8, seed: int = 0) -> ExpertWeights:
+                   rows13: int = 1, rows2: int = 8, seed: int = 0, transposed: bool = False) -> ExpertWeights:
+    """transposed: weights stored [out, in] (nn.Linear's layout) and passed as [in, out] views."""
     gen = torch.Generator().manual_seed(seed)
+
+    def stored(t: torch.Tensor) -> torch.Tensor:
+        return t.transpose(1, 2).contiguous().transpose(1, 2) if transposed else t
+
     if weight_dtype == torch.int8:
         w13 = torch.randint(-127, 128, (num_experts, hidden, 2 * ffn), generator=gen, dtype=torch.int8)
         w2 = torch.randint(-127, 128, (num_experts, ffn, hidden), generator=gen, dtype=torch.int8)
         # Scales near 1 / (127 sqrt(K)) keep activations O(1), varied per row block and column.
         s13 = (0.5 + torch.rand(num_experts, rows13, 2 * ffn, generator=gen)) / (127 * hidden ** 0.5)
         s2 = (0.5 + torch.rand(num_experts, rows2, hidden, generator=gen)) / (127 * ffn ** 0.5)
-        return ExpertWeights(w13, w2, s13.to(torch.bfloat16), s2.to(torch.bfloat16))
+        return ExpertWeights(stored(w13), stored(w2), s13.to(torch.bfloat16), s2.to(torch.bfloat16))
     w13 = torch.randn(num_experts, hidden, 2 * ffn, generator=gen) * hidden ** -0.5
     w2 = torch.randn(num_experts, ffn, hidden, generator=gen) * ffn ** -0.5
-    return ExpertWeights(w13.to(weight_dtype), w2.to(weight_dtype))
+    return ExpertWeights(stored(w13.to(weight_dtype)), stored(w2.to(weight_dtype)))
 
 
 def float_weights(experts: ExpertWeights) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,8 +65,9 @@ def assert_close_rel(actual: torch.Tensor, expected: torch.Tensor, rel: float) -
 
 @pytest.mark.parametrize("num_tokens", [1, 7, 40])
 @pytest.mark.parametrize("top_k", [1, 2])
-def test_cpu_path_matches_naive_fp32(num_tokens, top_k):
-    experts = random_experts(8, 48, 40, seed=num_tokens)
+@pytest.mark.parametrize("transposed", [False, True])
+def test_cpu_path_matches_naive_fp32(num_tokens, top_k, transposed):
+    experts = random_experts(8, 48, 40, seed=num_tokens, transposed=transposed)
     gen = torch.Generator().manual_seed(100 + num_tokens)
     x = torch.randn(num_tokens, 48, generator=gen)
     logits = torch.randn(num_tokens, 8, generator=gen)
@@ -71,27 +77,29 @@ def test_cpu_path_matches_naive_fp32(num_tokens, top_k):
 
 
 @pytest.mark.parametrize("weight_dtype", [torch.bfloat16, torch.float16])
-def test_cpu_path_half_weights_fp32_activations(weight_dtype):
+@pytest.mark.parametrize("transposed", [False, True])
+def test_cpu_path_half_weights_fp32_activations(weight_dtype, transposed):
     # Half weights widen exactly, so float32 activations keep the float32 contract.
-    experts = random_experts(8, 64, 48, weight_dtype, seed=3)
+    experts = random_experts(8, 64, 48, weight_dtype, seed=3, transposed=transposed)
     gen = torch.Generator().manual_seed(4)
     x, logits = torch.randn(9, 64, generator=gen), torch.randn(9, 8, generator=gen)
     assert_close_rel(fused_moe(x, logits, experts, 2), naive_moe_fp32(x, logits, experts, 2), 1e-5)
 
 
-@pytest.mark.parametrize("rows13,rows2", [(1, 8), (8, 1), (1, 1)])
-def test_cpu_path_int8_matches_dequantized_fp32(rows13, rows2):
-    experts = random_experts(8, 64, 48, torch.int8, rows13, rows2, seed=5)
+@pytest.mark.parametrize("rows13,rows2,transposed", [(1, 8, False), (8, 1, False), (1, 1, False), (1, 8, True)])
+def test_cpu_path_int8_matches_dequantized_fp32(rows13, rows2, transposed):
+    experts = random_experts(8, 64, 48, torch.int8, rows13, rows2, seed=5, transposed=transposed)
     gen = torch.Generator().manual_seed(6)
     x, logits = torch.randn(11, 64, generator=gen), torch.randn(11, 8, generator=gen)
     assert_close_rel(fused_moe(x, logits, experts, 2), naive_moe_fp32(x, logits, experts, 2), 1e-5)
 
 
-@pytest.mark.parametrize("num_tokens", [1, 13])  # 1: every expert sees one row (torch.mv for bf16)
+@pytest.mark.parametrize("num_tokens", [1, 13, 80])  # per expert: one row, a few, many
 @pytest.mark.parametrize("act_dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("weight_dtype", [torch.bfloat16, torch.int8])
-def test_cpu_path_half_activations_match_reference(act_dtype, weight_dtype, num_tokens):
-    experts = random_experts(8, 64, 48, weight_dtype, seed=7)
+@pytest.mark.parametrize("transposed", [False, True])
+def test_cpu_path_half_activations_match_reference(act_dtype, weight_dtype, num_tokens, transposed):
+    experts = random_experts(8, 64, 48, weight_dtype, seed=7, transposed=transposed)
     gen = torch.Generator().manual_seed(8)
     x = torch.randn(num_tokens, 64, generator=gen).to(act_dtype)
     logits = torch.randn(num_tokens, 8, generator=gen)

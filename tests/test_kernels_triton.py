@@ -106,6 +106,15 @@ class _InterpreterChecks:
         assert out.dtype == act_dtype
         assert_close_rel(out, reference.grouped_gemm_down(h_ref, experts.w2, experts.w2_scales, routing), rel)
 
+    @pytest.mark.parametrize("weight_dtype,act_dtype", [(torch.int8, torch.float32), (torch.bfloat16, torch.float16)])
+    def test_weights_stored_out_in(self, weight_dtype, act_dtype):
+        # [in, out] views of [out, in] storage (nn.Linear's layout): the kernels follow the strides.
+        experts = random_experts(4, 32, 16, weight_dtype, 1, 8, seed=9, transposed=True)
+        gen = torch.Generator().manual_seed(10)
+        x, logits = torch.randn(7, 32, generator=gen).to(act_dtype), torch.randn(7, 4, generator=gen)
+        out, expected = run_both(x, logits, experts, 2, one_tile_config(32, 16))
+        assert_close_rel(out, expected, 1e-5 if act_dtype == torch.float32 else 2e-3)
+
     @pytest.mark.parametrize("case", ["one_token", "ragged", "idle_expert", "one_expert", "ragged_k"])
     def test_fused_layer_edge_shapes(self, case):
         num_tokens, hidden, ffn = {"one_token": (1, 32, 16), "ragged": (21, 32, 16), "idle_expert": (9, 32, 16),
