@@ -1,14 +1,15 @@
 """The MoE layer on CPU with torch ops: a loop over only the experts that received tokens.
 
-CPU GEMMs are fast here in float32 (MKL). In bfloat16 (AVX2, no native support) torch has fast
-kernels only for some shapes and layouts, so the path depends on how a weight is stored:
-- stored [out, in] (a transposed view passed as [in, out], the layout of nn.Linear): torch's
-  dot-product kernels (vectorized, float32 accumulation, one rounding) for a few rows;
-- stored [in, out] (the checkpoint's layout): torch.mv for one row, whose kernel is vectorized and
+float32 GEMMs go to oneDNN's inner product where it is faster than MKL (see float32_mm). bfloat16
+has no native support on AVX2 and torch has fast kernels for it only for some shapes and layouts,
+so the path depends on how a weight is stored:
+- stored [out, in] (a transposed view passed as [in, out], the layout of nn.Linear), few rows:
+  torch's dot-product kernels (vectorized, float32 accumulation, one rounding);
+- stored [in, out] (the checkpoint's layout), one row: torch.mv, whose kernel is vectorized and
   accumulates in float32; torch's bfloat16 matmul would take a scalar fallback, tens of times slower;
-- otherwise (more rows, int8, mixed dtypes): the weight is widened to float32 in chunks that stay in
-  cache, each chunk consumed by a float32 GEMM before the next is made. DRAM sees each weight byte
-  once, in its stored width.
+- otherwise (more rows, int8, mixed dtypes): the weight is widened to float32 one cache-sized tile
+  at a time, each tile consumed by a float32 GEMM before the next is made. DRAM sees each weight
+  byte once, in its stored width.
 """
 from __future__ import annotations
 
@@ -16,32 +17,24 @@ import torch
 
 from .expert_weights import ExpertWeights
 from .moe_inputs import check_moe_inputs
-from .reference import dequantize, gelu_tanh, softmax_topk
+from .reference import gelu_tanh, softmax_topk
 
 # Legend: T = tokens, K = top_k, S = T * K slots, E = experts (global), L = local experts, D = hidden,
-# F = ffn, N = a weight's output columns, R = scale row blocks, n = slots of one expert.
+# F = ffn, R = scale row blocks, n = slots of one expert; a weight is [K_in, N_out] ("rows, cols").
 
-# float32 bytes of one widened weight chunk: large enough that per-chunk op overhead is small next
-# to its GEMM, small enough to stay in L3 between the widening and the GEMM that reads it. Measured
-# on the cpu-bench shape: 4 MiB chunks beat 256 KiB ones by 3x at 4 to 16 rows.
-_CHUNK_BYTES = 4 << 20
+# float32 bytes of one widened weight tile: large enough that per-tile op overhead is small next to
+# its GEMM, small enough to stay in L3 between the widening and the GEMM that reads it. Measured on
+# the cpu-bench shape: 4 MiB tiles beat 256 KiB ones by 3x at 4 to 16 rows.
+_TILE_BYTES = 4 << 20
+# Columns of a widened tile when whole rows do not fit: rows of [in, out] storage are read in runs
+# this long. And the fewest rows of a tile: fewer make the GEMM on it inefficient.
+_TILE_COLS = 512
+_MIN_TILE_ROWS = 256
+# Longest K for which oneDNN beats MKL on [in, out] storage.
+_ONEDNN_MAX_K_IN_OUT = 8192
 # Rows up to which torch's bfloat16 dot-product kernels beat widening to float32: their cost grows
 # with every row (each converts the whole weight again), widening pays the conversion once.
-_DOT_KERNEL_MAX_ROWS = 3
-
-
-def _widen_chunk(out: torch.Tensor, weight: torch.Tensor, scale_row: torch.Tensor | None,
-                 act_dtype: torch.dtype) -> None:
-    """out (float32) <- the reference's weight numerics: dequantize in float32, round to act_dtype."""
-    if scale_row is not None:
-        out.copy_(weight)
-        out.mul_(scale_row)
-        if act_dtype != torch.float32:
-            out.copy_(out.to(act_dtype))
-    elif weight.dtype == act_dtype or act_dtype == torch.float32:
-        out.copy_(weight)  # exact
-    else:
-        out.copy_(weight.to(act_dtype))
+_DOT_KERNEL_MAX_ROWS = 5
 
 
 def _find_onednn_linear():
@@ -51,16 +44,8 @@ def _find_onednn_linear():
         return None
 
 
-# oneDNN's inner product. MKL's sgemm takes a generic path on AMD CPUs; oneDNN is up to 2x faster
-# on the few-row GEMMs of decode here, and never slower in float32. (No bfloat16 on AVX2.)
+# oneDNN's inner product (float32 only on AVX2). MKL's sgemm takes a generic path on AMD CPUs.
 _ONEDNN_LINEAR = _find_onednn_linear()
-
-
-def float32_mm(a: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """a float32 [n, K] @ weight float32 [K, N], either storage order."""
-    if _ONEDNN_LINEAR is None:
-        return a @ weight
-    return _ONEDNN_LINEAR(a, weight.t(), None, "none", [], "")
 
 
 def stored_transposed(weight: torch.Tensor) -> bool:
@@ -68,32 +53,58 @@ def stored_transposed(weight: torch.Tensor) -> bool:
     return weight.stride(0) == 1 and weight.shape[1] > 1
 
 
+def float32_mm(a: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """a float32 [n, K] @ weight float32 [K, N], either storage order."""
+    # oneDNN reads [out, in] storage natively and won at every size measured (2x at 4 to 16 rows).
+    # Given [in, out] storage it wins up to K = 6144 too, but at K = 32768 it is up to 2.7x slower
+    # than MKL.
+    if _ONEDNN_LINEAR is not None and (stored_transposed(weight) or weight.shape[0] <= _ONEDNN_MAX_K_IN_OUT):
+        return _ONEDNN_LINEAR(a, weight.t(), None, "none", [], "")
+    return a @ weight
+
+
+def _widen_tile(out: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None,
+                act_dtype: torch.dtype) -> None:
+    """out float32 [k, c] <- weight [k, c] with the reference's numerics: dequantized in float32
+    (scales [b, c], one row per k / b weight rows), then rounded to act_dtype."""
+    out.copy_(weight)
+    if scales is not None:
+        blocks = scales.shape[0]
+        out.view(blocks, out.shape[0] // blocks, out.shape[1]).mul_(scales.float()[:, None, :])
+    if act_dtype != torch.float32 and (scales is not None or weight.dtype != act_dtype):
+        out.copy_(out.to(act_dtype))
+
+
 def _widened_matmul(a: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None,
                     act_dtype: torch.dtype) -> torch.Tensor:
-    """a float32 [n, K] @ weight [K, N] widened chunk by chunk -> float32 [n, N]."""
+    """a float32 [n, K] @ weight [K, N] (scales [R, N]), widened to float32 one tile at a time."""
     rows, cols = weight.shape
-    if stored_transposed(weight):
-        # Chunks of whole columns, contiguous in storage: out[:, cols] = a @ chunk.
-        chunk_cols = max(8, min(cols, _CHUNK_BYTES // (4 * rows)))
-        out = torch.empty(a.shape[0], cols, dtype=torch.float32)
-        for n0 in range(0, cols, chunk_cols):
-            n1 = min(cols, n0 + chunk_cols)
-            chunk_scales = None if scales is None else scales[:, n0:n1]
-            out[:, n0:n1] = float32_mm(a, dequantize(weight[:, n0:n1], chunk_scales, act_dtype).float())
-        return out
     rows_per_scale = rows if scales is None else rows // scales.shape[0]
-    chunk_rows = max(8, min(rows, _CHUNK_BYTES // (4 * cols)))
+    # Tiles are runs of the weight's storage, so widening is a straight copy and the GEMM gets a deep
+    # K: [out, in] storage gives strips of whole columns; [in, out] storage strips of whole rows,
+    # or of _TILE_COLS columns when rows are too long for that (Grok-1's 65536-wide w13).
+    if stored_transposed(weight):
+        tile_rows, tile_cols = rows, min(cols, max(8, _TILE_BYTES // (4 * rows)))
+    else:
+        tile_cols = cols if 4 * cols * _MIN_TILE_ROWS <= _TILE_BYTES else min(cols, _TILE_COLS)
+        tile_rows = min(rows, max(_MIN_TILE_ROWS, _TILE_BYTES // (4 * tile_cols)))
+    if scales is not None and rows_per_scale <= tile_rows:
+        tile_rows = tile_rows // rows_per_scale * rows_per_scale  # whole scale row blocks
+    elif scales is not None:
+        tile_rows = next(d for d in range(tile_rows, 0, -1) if rows_per_scale % d == 0)  # inside one
+    if stored_transposed(weight):
+        buf = torch.empty(tile_cols, tile_rows).t()
+    else:
+        buf = torch.empty(tile_rows, tile_cols)
     out = torch.zeros(a.shape[0], cols, dtype=torch.float32)
-    buf = torch.empty(chunk_rows, cols, dtype=torch.float32)
-    k0 = 0
-    while k0 < rows:
-        # Chunks never straddle a scale row block, so one scale row serves the whole chunk.
-        k1 = min(k0 + chunk_rows, rows, (k0 // rows_per_scale + 1) * rows_per_scale)
-        chunk = buf[: k1 - k0]
-        scale_row = None if scales is None else scales[k0 // rows_per_scale].float()
-        _widen_chunk(chunk, weight[k0:k1], scale_row, act_dtype)
-        out.add_(float32_mm(a[:, k0:k1], chunk))
-        k0 = k1
+    for n0 in range(0, cols, tile_cols):
+        n1 = min(cols, n0 + tile_cols)
+        for k0 in range(0, rows, tile_rows):
+            k1 = min(rows, k0 + tile_rows)
+            tile = buf[: k1 - k0, : n1 - n0]
+            tile_scales = None if scales is None else scales[k0 // rows_per_scale:(k1 - 1) // rows_per_scale + 1, n0:n1]
+            _widen_tile(tile, weight[k0:k1, n0:n1], tile_scales, act_dtype)
+            out[:, n0:n1].add_(float32_mm(a[:, k0:k1], tile))
     return out
 
 

@@ -35,7 +35,11 @@ def _check_scales(name: str, weight: torch.Tensor, scales: torch.Tensor | None) 
 @dataclass(frozen=True)
 class ExpertWeights:
     """Checkpoint layout [in, out] (y = x @ w). int8 weights carry row-blocked scales: row k of a
-    [K, N] weight with scales [R, N] is multiplied by scale row k // (K // R)."""
+    [K, N] weight with scales [R, N] is multiplied by scale row k // (K // R).
+
+    Any strides are accepted and every kernel follows them. On CPU, bfloat16 experts are fastest
+    stored [out, in] (nn.Linear's order) and passed as the transposed view: torch's fast bfloat16
+    GEMV reads K contiguously (docs/benchmarks.md, "MoE layer kernels")."""
 
     w13: torch.Tensor  # [E, D, 2F]  [linear | linear_v] concatenated on the output dim
     w2: torch.Tensor  # [E, F, D]   linear_1

@@ -212,14 +212,25 @@ def test_reference_kernels_chain_to_the_naive_layer():
     assert_close_rel(out, naive_moe_fp32(x, logits, experts, 2), 1e-5)
 
 
-def test_widening_chunks_respect_scale_row_blocks():
-    # Rows per scale block (12) below the chunk size: chunks must stop at every block boundary.
+@pytest.mark.parametrize("rows,blocks,tile_bytes", [
+    (96, 8, 4 << 20),  # several scale row blocks per tile
+    (4096, 2, 1 << 16),  # tiles inside one block (2048 rows a block, 128-row tiles)
+    (1000, 8, 1 << 16),  # 125-row blocks: tiles of a divisor of 125
+])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_widening_tiles_respect_scale_row_blocks(rows, blocks, tile_bytes, transposed, monkeypatch):
+    from kernels import cpu_moe
+
+    monkeypatch.setattr(cpu_moe, "_TILE_BYTES", tile_bytes)
+    monkeypatch.setattr(cpu_moe, "_TILE_COLS", 32)  # several column tiles too
     gen = torch.Generator().manual_seed(19)
-    weight = torch.randint(-127, 128, (96, 40), generator=gen, dtype=torch.int8)
-    scales = torch.rand(8, 40, generator=gen).to(torch.bfloat16)
-    a = torch.randn(3, 96, generator=gen)
+    weight = torch.randint(-127, 128, (rows, 72), generator=gen, dtype=torch.int8)
+    if transposed:
+        weight = weight.t().contiguous().t()
+    scales = torch.rand(blocks, 72, generator=gen).to(torch.bfloat16)
+    a = torch.randn(3, rows, generator=gen)
     expected = a @ reference.dequantize(weight, scales, torch.float32)
-    assert_close_rel(matmul_weight(a, weight, scales), expected, 1e-6)
+    assert_close_rel(matmul_weight(a, weight, scales), expected, 1e-5)
 
 
 def test_empty_batch():
