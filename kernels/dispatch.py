@@ -6,12 +6,16 @@ import torch
 from .cpu_moe import fused_moe_cpu
 from .expert_weights import ExpertWeights
 
-__all__ = ["ExpertWeights", "fused_moe"]
+__all__ = ["MOE_BACKENDS", "ExpertWeights", "fused_moe"]
+
+# auto: Triton on CUDA, torch elsewhere. triton also runs CPU tensors under triton's interpreter,
+# which is how the golden tests exercise the GPU kernels on a machine without one.
+MOE_BACKENDS = ("auto", "triton", "torch")
 
 
 def fused_moe(x: torch.Tensor, router_logits: torch.Tensor, experts: ExpertWeights, top_k: int,
               expert_map: torch.Tensor | None = None,
-              expert_counts_out: torch.Tensor | None = None) -> torch.Tensor:
+              expert_counts_out: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
     """x [T, D] (fp32/bf16/fp16); router_logits fp32 [T, E] (E = number of experts globally).
     Returns [T, D] in x.dtype: sum over the top_k chosen experts of prob * expert(x), where
     probs = softmax over all E (fp32, not renormalized) and
@@ -20,8 +24,11 @@ def fused_moe(x: torch.Tensor, router_logits: torch.Tensor, experts: ExpertWeigh
     not held here (those routes contribute nothing; the caller all-reduces partial sums).
     None = all E local, identity.
     expert_counts_out: optional int64 [E]; tokens routed to each global expert are added in place.
+    backend: one of MOE_BACKENDS.
     On CUDA nothing here waits on the device."""
-    if x.is_cuda:
+    if backend not in MOE_BACKENDS:
+        raise ValueError(f"MoE backend must be one of {MOE_BACKENDS}, got {backend!r}")
+    if backend == "triton" or (backend == "auto" and x.is_cuda):
         # Imported here so that CPU-only processes never load triton.
         from .triton_moe import fused_moe_triton
 

@@ -122,6 +122,19 @@ def default_tile_config(num_tokens: int, weight_dtype: torch.dtype) -> MoeTileCo
     return MoeTileConfig(64, GemmTiles(128, 64, 8, 1, 8, 3), GemmTiles(128, 64, 8, 1, 8, 3))
 
 
+def interpreter_tile_config(hidden: int, ffn: int, block_m: int = 16, max_block: int = 2048) -> MoeTileConfig:
+    """Triton's interpreter runs programs one after another, each op on whole numpy blocks: tiles
+    covering all of K and N (up to max_block) mean the fewest programs and loop trips."""
+    def tile(n: int) -> int:
+        return min(max_block, max(16, _next_power_of_2(n)))
+
+    return MoeTileConfig(block_m, GemmTiles(tile(ffn), tile(hidden)), GemmTiles(tile(hidden), tile(ffn)))
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
 def select_tile_config(num_tokens: int, num_local_experts: int, hidden: int, ffn: int,
                        weight_dtype: torch.dtype, device_name: str | None = None,
                        config_dir: Path = CONFIG_DIR) -> MoeTileConfig:

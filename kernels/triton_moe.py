@@ -5,7 +5,7 @@ import torch
 
 from .expert_weights import ExpertWeights
 from .moe_inputs import check_moe_inputs
-from .tile_config import MoeTileConfig, select_tile_config
+from .tile_config import MoeTileConfig, interpreter_tile_config, select_tile_config
 from .triton_down import grouped_gemm_down
 from .triton_gate_up import grouped_gemm_gate_up
 from .triton_gating import topk_gating
@@ -16,7 +16,10 @@ def fused_moe_triton(x: torch.Tensor, router_logits: torch.Tensor, experts: Expe
                      config: MoeTileConfig | None = None) -> torch.Tensor:
     """Three launches and no host sync: every size on the host side is a worst-case bound."""
     check_moe_inputs(x, router_logits, experts, top_k, expert_map, expert_counts_out)
-    if config is None:
+    if config is None and not x.is_cuda:
+        # CPU tensors reach here only under triton's interpreter (the launchers check).
+        config = interpreter_tile_config(experts.hidden_size, experts.ffn_size)
+    elif config is None:
         device_name = torch.cuda.get_device_name(x.device) if x.is_cuda else None
         config = select_tile_config(x.shape[0], experts.num_experts, experts.hidden_size, experts.ffn_size,
                                     experts.weight_dtype, device_name)

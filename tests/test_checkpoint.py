@@ -30,6 +30,7 @@ def reference_model(config: Grok1Config, seed: int) -> Grok1:
     with torch.no_grad():
         for name, value, source, sliced in dummy_weights(config, seed):
             assign(model, name, value, source, sliced)
+    model.store_experts_out_in()  # as load_model does on CPU, so that logits compare bit for bit
     return model.eval()
 
 

@@ -38,3 +38,13 @@ def test_bfloat16_close_to_reference(tiny_reference, golden_bf16):
         ref = golden_bf16[f"logits_{j}"].astype(np.float32)
         cosines += list((ours * ref).sum(-1) / np.linalg.norm(ours, axis=-1) / np.linalg.norm(ref, axis=-1))
     assert np.median(cosines) > 0.95 and np.mean(cosines) > 0.9, sorted(cosines)[:5]
+
+
+def test_cpu_load_stores_experts_out_in(tiny_model_f32):
+    # The [in, out] names and shapes stay; the storage under them is nn.Linear's order.
+    moe = tiny_model_f32.decoder_layer[0].moe
+    config = tiny_model_f32.config
+    assert moe.linear_linear_v.w.shape == (config.num_experts, config.emb_size, 2 * config.ffn_size)
+    assert moe.linear_linear_v.w.stride(1) == 1 and moe.linear_1.w.stride(1) == 1
+    with pytest.raises(ValueError, match="MoE backend must be one of"):
+        tiny_model_f32.use_moe_backend("gpu")

@@ -47,6 +47,7 @@ def model_from(tensors: dict[str, np.ndarray], config: Grok1Config = CONFIG) -> 
     with torch.no_grad():
         for name, value in tensors.items():
             assign(model, name, value, "test")
+    model.store_experts_out_in()  # as load_model does on CPU, so that logits compare bit for bit
     return model.eval()
 
 

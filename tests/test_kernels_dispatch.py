@@ -286,3 +286,16 @@ def test_fused_moe_rejects_bad_arguments(change, message):
     for impl in (fused_moe, fused_moe_cpu, reference.fused_moe):
         with pytest.raises(ValueError, match=message):
             impl(**args)
+
+
+def test_unknown_moe_backend_is_refused():
+    experts = ExpertWeights(torch.zeros(8, 4, 6), torch.zeros(8, 3, 4))
+    with pytest.raises(ValueError, match="MoE backend must be one of"):
+        fused_moe(torch.zeros(1, 4), torch.zeros(1, 8), experts, 2, backend="cuda")
+
+
+def test_triton_backend_on_cpu_tensors_needs_the_interpreter():
+    pytest.importorskip("triton")
+    experts = ExpertWeights(torch.zeros(8, 4, 6), torch.zeros(8, 3, 4))
+    with pytest.raises(ValueError, match="need CUDA tensors"):
+        fused_moe(torch.zeros(1, 4), torch.zeros(1, 8), experts, 2, backend="triton")

@@ -1,24 +1,16 @@
 """The Triton kernels, run on CPU by triton's interpreter, against the torch references.
 
-triton reads TRITON_INTERPRET when it is imported, so the checks run in a child pytest on this same
-file with the variable set: in this process the file holds only the test that starts the child, in
-the child only the checks. Other test files never see the variable. Shapes stay tiny because the
-interpreter runs programs one by one.
+The checks run in a child pytest (tests/interpreter.py). Shapes stay tiny because the interpreter
+runs programs one by one.
 """
 from __future__ import annotations
-
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+from kernels.tile_config import interpreter_tile_config
+from tests.interpreter import IN_INTERPRETER, run_file_under_interpreter
 from tests.test_kernels_dispatch import assert_close_rel, naive_moe_fp32, random_experts
-
-IN_INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
-ROOT = Path(__file__).resolve().parents[1]
 
 # Legend: T = tokens, E = experts, L = local experts, D = hidden, F = ffn.
 
@@ -27,17 +19,6 @@ def routing_fields_equal(a, b) -> None:
     for name in ("topk_ids", "sorted_slot_ids", "block_expert_ids", "num_padded", "expert_counts"):
         assert torch.equal(getattr(a, name), getattr(b, name)), name
     torch.testing.assert_close(a.topk_weights, b.topk_weights, rtol=1e-6, atol=1e-7)
-
-
-def one_tile_config(hidden: int, ffn: int, block_m: int = 16, **down):
-    """Tiles covering the whole K and N: the fewest interpreted programs and loop trips."""
-    from kernels.tile_config import GemmTiles, MoeTileConfig
-    from kernels.triton_launch import next_power_of_2
-
-    gate_up = GemmTiles(block_n=max(16, next_power_of_2(ffn)), block_k=max(16, next_power_of_2(hidden)))
-    down_tiles = {"block_n": max(16, next_power_of_2(hidden)), "block_k": max(16, next_power_of_2(ffn))}
-    down_tiles.update(down)
-    return MoeTileConfig(block_m, gate_up, GemmTiles(**down_tiles))
 
 
 def run_both(x, logits, experts, top_k, config, expert_map=None):
@@ -94,7 +75,7 @@ class _InterpreterChecks:
         experts = random_experts(4, 64, 32, weight_dtype, rows13, rows2, seed=1)
         gen = torch.Generator().manual_seed(2)
         x, logits = torch.randn(19, 64, generator=gen).to(act_dtype), torch.randn(19, 4, generator=gen)
-        config = one_tile_config(64, 32)
+        config = interpreter_tile_config(64, 32)
         routing = reference.topk_gating(logits, 2, config.block_m)
         h = grouped_gemm_gate_up(x, experts.w13, experts.w13_scales, routing, config.gate_up)
         h_ref = reference.grouped_gemm_gate_up(x, experts.w13, experts.w13_scales, routing)
@@ -112,7 +93,7 @@ class _InterpreterChecks:
         experts = random_experts(4, 32, 16, weight_dtype, 1, 8, seed=9, transposed=True)
         gen = torch.Generator().manual_seed(10)
         x, logits = torch.randn(7, 32, generator=gen).to(act_dtype), torch.randn(7, 4, generator=gen)
-        out, expected = run_both(x, logits, experts, 2, one_tile_config(32, 16))
+        out, expected = run_both(x, logits, experts, 2, interpreter_tile_config(32, 16))
         assert_close_rel(out, expected, 1e-5 if act_dtype == torch.float32 else 2e-3)
 
     @pytest.mark.parametrize("case", ["one_token", "ragged", "idle_expert", "one_expert", "ragged_k"])
@@ -122,7 +103,7 @@ class _InterpreterChecks:
         experts = random_experts(4, hidden, ffn, torch.int8, 1, 8, seed=3)
         gen = torch.Generator().manual_seed(4)
         x, logits = torch.randn(num_tokens, hidden, generator=gen), torch.randn(num_tokens, 4, generator=gen)
-        config = one_tile_config(hidden, ffn)
+        config = interpreter_tile_config(hidden, ffn)
         if case == "idle_expert":
             logits[:, 2] = -30.0
         if case == "one_expert":
@@ -143,7 +124,7 @@ class _InterpreterChecks:
         expert_map = torch.tensor([-1, 0, -1, -1, 1, -1, 2, -1], dtype=torch.int32)
         gen = torch.Generator().manual_seed(6)
         x, logits = torch.randn(13, 32, generator=gen).half(), torch.randn(13, 8, generator=gen)
-        out, expected = run_both(x, logits, experts, 2, one_tile_config(32, 16), expert_map)
+        out, expected = run_both(x, logits, experts, 2, interpreter_tile_config(32, 16), expert_map)
         assert out.dtype == torch.float16
         assert_close_rel(out, expected, 2e-3)
         assert_close_rel(out, naive_moe_fp32(x.float(), logits, experts, 2, expert_map), 2e-2)
@@ -193,7 +174,7 @@ class _InterpreterChecks:
             experts = random_experts(num_local, hidden, ffn, weight_dtype, 1, rows2, seed=seed)
             x = torch.randn(num_tokens, hidden, generator=gen).to(act_dtype)
             logits = torch.randn(num_tokens, num_experts, generator=gen)
-            out, expected = run_both(x, logits, experts, top_k, one_tile_config(hidden, ffn), expert_map)
+            out, expected = run_both(x, logits, experts, top_k, interpreter_tile_config(hidden, ffn), expert_map)
             assert_close_rel(out, expected, 1e-5 if act_dtype == torch.float32 else 2e-3)
 
         check()
@@ -203,10 +184,4 @@ if IN_INTERPRETER:
     TestInterpreter = _InterpreterChecks
 else:
     def test_triton_kernels_under_the_interpreter():
-        pytest.importorskip("triton")
-        env = {**os.environ, "TRITON_INTERPRET": "1"}
-        result = subprocess.run(
-            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__).resolve())],
-            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False,
-        )
-        assert result.returncode == 0, f"interpreter checks failed:\n{result.stdout[-8000:]}\n{result.stderr[-4000:]}"
+        run_file_under_interpreter(__file__)

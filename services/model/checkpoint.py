@@ -212,4 +212,6 @@ def load_model(source: str | Path, dtype: str = "float32", *, load_format: str =
         for name, value, file, sliced in tensors:
             assign(model, name, value, file, sliced)
     model.source = source_str
+    if device.type == "cpu":
+        model.store_experts_out_in()
     return model.to(device).eval()
