@@ -18,6 +18,7 @@ from services.engine.sampling_params import SamplingParams
 from services.engine.scheduler import Scheduler, SchedulerConfig
 from services.engine.sequence import Sequence
 from services.engine.stats import EngineStats
+from services.engine.text_stream import TextStream
 from services.model import load_model
 from services.model.grok1 import Grok1
 from services.model.tokenizer import IncrementalDetokenizer, Tokenizer, load_tokenizer
@@ -25,14 +26,9 @@ from services.model.tokenizer import IncrementalDetokenizer, Tokenizer, load_tok
 
 @dataclass
 class _SeqText:
-    """Streaming text of one sequence; text that could still become a stop string is held back."""
-
-    detokenizer: IncrementalDetokenizer
-    text: str = ""
-    emitted_chars: int = 0
+    stream: TextStream
     emitted_tokens: int = 0
     emitted_logprobs: int = 0
-    stop_at: int | None = None  # where a matched stop string starts; the text is cut there
 
 
 @dataclass
@@ -114,8 +110,8 @@ class LLMEngine:
             seq = Sequence(next(self._seq_ids), request_id, prompt, params, index=index,
                            eos_token_id=self.model.config.eos_token_id, arrival_time=arrival)
             seqs.append(seq)
-            texts.append(_SeqText(IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens,
-                                                         prompt_ids=prompt)))
+            detokenizer = IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens, prompt_ids=prompt)
+            texts.append(_SeqText(TextStream(detokenizer, params.stop)))
         self._requests[request_id] = _Request(request_id, prompt, params, seqs, texts)
         for seq in seqs:
             self._seq_owner[seq.seq_id] = request_id
@@ -169,25 +165,15 @@ class LLMEngine:
         for seq, text in zip(request.seqs, request.texts):
             new_tokens = seq.output_token_ids[text.emitted_tokens:]
             if new_tokens:
-                text.text += text.detokenizer.add(new_tokens)
-                if params.stop and not seq.is_finished:
-                    self._check_stop_strings(seq, text)
-            if seq.is_finished:
-                if text.stop_at is not None:
-                    text.text = text.text[:text.stop_at]
-                else:
-                    text.text += text.detokenizer.finish()
-                end = len(text.text)
-            else:
-                hold = max((len(s) for s in params.stop), default=1) - 1
-                end = max(text.emitted_chars, len(text.text) - hold)
-            out = CompletionOutput(seq.index, list(new_tokens), text.text[text.emitted_chars:end])
+                stop = text.stream.add(new_tokens, check_stop=not seq.is_finished)
+                if stop is not None:
+                    self.scheduler.finish(seq.seq_id, "stop", stop)
+            out = CompletionOutput(seq.index, list(new_tokens), text.stream.emit(seq.is_finished))
             if params.logprobs is not None:
                 out.logprobs = seq.output_logprobs[text.emitted_logprobs:]
                 out.top_logprobs = seq.output_top_logprobs[text.emitted_logprobs:]
                 text.emitted_logprobs = len(seq.output_logprobs)
             text.emitted_tokens = len(seq.output_token_ids)
-            text.emitted_chars = max(text.emitted_chars, end)
             if seq.is_finished and seq.seq_id not in request.reported_finished:
                 request.reported_finished.add(seq.seq_id)
                 out.finish_reason, out.stop_reason = seq.finish_reason, seq.stop_reason
@@ -211,12 +197,3 @@ class LLMEngine:
         if first.first_token_time is not None:
             metrics["ttft_s"] = first.first_token_time - first.arrival_time
         return RequestOutput(request_id, request.prompt_token_ids, outputs, finished, usage, metrics)
-
-    def _check_stop_strings(self, seq: Sequence, text: _SeqText) -> None:
-        # A stop string may span token boundaries; held-back text guarantees that a new match starts at
-        # or after what was already streamed.
-        hits = [(i, stop) for stop in seq.sampling_params.stop
-                if (i := text.text.find(stop, text.emitted_chars)) >= 0]
-        if hits:
-            text.stop_at, stop = min(hits)
-            self.scheduler.finish(seq.seq_id, "stop", stop)

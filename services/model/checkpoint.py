@@ -164,6 +164,46 @@ def dummy_weights(config: Grok1Config, seed: int) -> Iterator[tuple[str, object,
             yield name, QuantizedWeight8bit(q.numpy(), s.float().numpy().astype(ml_dtypes.bfloat16)), "dummy", False
 
 
+def resolve_source(source: str | Path, load_format: str = "auto") -> tuple[Grok1Config, Path | None, str]:
+    """A preset name or a checkpoint directory -> (config, directory or None, concrete load format)."""
+    if load_format not in LOAD_FORMATS:
+        raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {load_format!r}")
+    source_str = str(source)
+    if source_str in PRESETS:
+        if load_format not in ("auto", "dummy"):
+            raise ValueError(f"{source_str!r} is a preset: it has only random (dummy) weights")
+        return PRESETS[source_str], None, "dummy"
+    path = Path(source)
+    if not path.is_dir():
+        raise ValueError(f"{source_str!r} is neither a preset ({', '.join(sorted(PRESETS))}) nor a "
+                         f"checkpoint directory")
+    # The format decides how config.json reads: a Hugging Face one is not a reference config.
+    if load_format == "auto":
+        load_format = detect_format(path)
+    if load_format == "hf":
+        from services.model.hf_format import config_for_hf
+        return config_for_hf(path), path, load_format
+    return Grok1Config.from_dir(path), path, load_format
+
+
+def load_weights(model: torch.nn.Module, path: Path | None, load_format: str, seed: int = 0) -> None:
+    """Streams a checkpoint into a model whose modules carry the release's names (Grok1, or a model
+    built around its layers), one tensor at a time; each rank keeps only its part (model.shard)."""
+    config, shard = model.config, model.shard
+    if load_format == "dummy":
+        tensors = dummy_weights(config, seed)
+    elif load_format == "release":
+        tensors = iter_release(path, config)
+    elif load_format == "safetensors":
+        tensors = iter_safetensors(path, config, shard)
+    else:
+        from services.model.hf_format import iter_hf
+        tensors = iter_hf(path, config)
+    with torch.no_grad():
+        for name, value, file, sliced in tensors:
+            assign(model, name, value, file, sliced)
+
+
 def load_model(source: str | Path, dtype: str = "float32", *, load_format: str = "auto", seed: int = 0,
                shard: Shard | None = None, comm: Comm | None = None, int8: bool | None = None,
                device: str | torch.device = "cpu") -> Grok1:
@@ -174,44 +214,13 @@ def load_model(source: str | Path, dtype: str = "float32", *, load_format: str =
     """
     if dtype not in TORCH_DTYPES:
         raise ValueError(f"dtype must be one of {sorted(TORCH_DTYPES)}, got {dtype!r}")
-    if load_format not in LOAD_FORMATS:
-        raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {load_format!r}")
-    source_str = str(source)
-    if source_str in PRESETS:
-        config, path = PRESETS[source_str], None
-        if load_format not in ("auto", "dummy"):
-            raise ValueError(f"{source_str!r} is a preset: it has only random (dummy) weights")
-        load_format = "dummy"
-    else:
-        path = Path(source)
-        if not path.is_dir():
-            raise ValueError(f"{source_str!r} is neither a preset ({', '.join(sorted(PRESETS))}) nor a "
-                             f"checkpoint directory")
-        # The format decides how config.json reads: a Hugging Face one is not a reference config.
-        if load_format == "auto":
-            load_format = detect_format(path)
-        if load_format == "hf":
-            from services.model.hf_format import config_for_hf
-            config = config_for_hf(path)
-        else:
-            config = Grok1Config.from_dir(path)
+    config, path, load_format = resolve_source(source, load_format)
     device = torch.device(device)
     if int8 is None:
         int8 = device.type == "cuda"
     model = Grok1(config, TORCH_DTYPES[dtype], int8=int8, shard=shard or Shard(), comm=comm)
-    if load_format == "dummy":
-        tensors = dummy_weights(config, seed)
-    elif load_format == "release":
-        tensors = iter_release(path, config)
-    elif load_format == "safetensors":
-        tensors = iter_safetensors(path, config, shard or Shard())
-    else:
-        from services.model.hf_format import iter_hf
-        tensors = iter_hf(path, config)
-    with torch.no_grad():
-        for name, value, file, sliced in tensors:
-            assign(model, name, value, file, sliced)
-    model.source = source_str
+    load_weights(model, path, load_format, seed)
+    model.source = str(source)
     if device.type == "cpu":
         model.store_experts_out_in()
     return model.to(device).eval()

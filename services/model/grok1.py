@@ -115,7 +115,8 @@ class MultiHeadAttention(nn.Module):
 class Router(nn.Module):
     def __init__(self, config: Grok1Config):
         super().__init__()
-        self.register_buffer("w", torch.zeros(config.emb_size, config.num_experts))  # [D, E] float32
+        self.register_buffer("w", torch.zeros(config.emb_size, config.num_experts,
+                                              dtype=torch.float32))  # [D, E] whatever the default dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.float() @ self.w  # [T, E]: float32 logits, no softcap (the reference has none)
