@@ -56,15 +56,18 @@ def cmd_bench_offline(args: argparse.Namespace) -> int:
     from services.engine import benchmark
 
     workload = benchmark.Workload(args.num_requests, args.prompt_len, args.output_len, args.seed)
+    if args.peer == "vllm-plugin":
+        args.model = str(benchmark.benchmark_checkpoint(args.model))  # both engines load these weights
     rows = [benchmark.run_ours(args.model, args.dtype, workload, max_num_seqs=args.max_num_seqs,
                                max_num_batched_tokens=args.max_num_batched_tokens,
                                kv_cache_memory_bytes=int(args.kv_cache_gb * (1 << 30)))]
     print(json.dumps(rows[0]), flush=True)
-    if args.peer == "vllm":
-        rows.append(benchmark.run_vllm(Path(args.peer_python), workload, args.model, args.dtype))
+    if args.peer != "none":
+        rows.append(benchmark.run_vllm(Path(args.peer_python), workload, args.model, args.dtype,
+                                       plugin=args.peer == "vllm-plugin"))
         print(json.dumps(rows[1]), flush=True)
         ours, peer = rows[0]["output_tok_s"], rows[1]["generated_tok_s"]
-        print(f"generated tok/s: grok-serve {ours}, vLLM {peer}, ratio {ours / peer:.2f}")
+        print(f"generated tok/s: grok-serve {ours}, {rows[1]['engine']} {peer}, ratio {ours / peer:.2f}")
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(rows, indent=1))
     return 0
@@ -91,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=cmd_generate)
 
     conv = sub.add_parser("convert", help="convert release pickles to safetensors shards")
-    conv.add_argument("source", help="release checkpoint directory (holding ckpt-0/)")
+    conv.add_argument("source", help="release checkpoint directory (holding ckpt-0/), or a preset name "
+                                      "(writes its random weights)")
     conv.add_argument("dest", help="output directory")
     conv.add_argument("--shard-gb", type=float, default=4.0)
     conv.set_defaults(func=cmd_convert)
@@ -106,7 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     off.add_argument("--max-num-seqs", type=int, default=64)
     off.add_argument("--max-num-batched-tokens", type=int, default=2048)
     off.add_argument("--kv-cache-gb", type=float, default=2.0)
-    off.add_argument("--peer", choices=["none", "vllm"], default="none")
+    off.add_argument("--peer", choices=["none", "vllm", "vllm-plugin"], default="none",
+                     help="vllm: vLLM's Mixtral with the same dimensions; vllm-plugin: this model in vLLM "
+                          "through services/vllm_plugin, on the same weights")
     off.add_argument("--peer-python", default=".venv-vllm/bin/python")
     off.add_argument("--json-out")
     off.set_defaults(func=cmd_bench_offline)

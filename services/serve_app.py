@@ -158,9 +158,15 @@ class EngineDeployment:
     group whose bundles hold the other ranks (see `build_application`); this process is rank 0."""
 
     def __init__(self, config: AppConfig):
-        from services.engine.engine import LLMEngine  # torch and the model load here, not in the gateway
+        # torch and the model load here, not in the gateway.
+        if config.engine.backend == "vllm":
+            from services.vllm_plugin.engine_client import VllmEngineClient
 
-        self._client = LocalEngineClient(AsyncEngine(LLMEngine(config.engine)), replica=_replica_id())
+            self._client = VllmEngineClient(config.engine, replica=_replica_id())
+        else:
+            from services.engine.engine import LLMEngine
+
+            self._client = LocalEngineClient(AsyncEngine(LLMEngine(config.engine)), replica=_replica_id())
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams,
                        request_id: str) -> AsyncIterator[RequestOutput]:
@@ -183,7 +189,7 @@ class EngineDeployment:
 
     async def __del__(self) -> None:
         # Serve has already let in-flight requests finish (graceful_shutdown_timeout_s).
-        await self._client.engine.shutdown()
+        await self._client.shutdown()
 
 
 @serve.deployment(name="GrokGateway")

@@ -47,6 +47,8 @@ def test_overrides_dotted_nested_and_from_strings(tmp_path):
     ({"gateway_deployment": {"num_cpus": -1}}, "num_cpus"),
     ({"chat_template_stop": [""]}, "chat_template_stop"),
     ({"engine": "tiny"}, "engine"),
+    ({"engine": {"backend": "tgi"}}, "backend must be one of"),
+    ({"engine": {"backend": "vllm", "parallel_size": 2}}, "parallel_size must be 1"),
 ])
 def test_invalid_options_name_themselves(data, message):
     with pytest.raises(ValueError, match=message):
@@ -75,11 +77,12 @@ def test_up_flags_override_the_file():
     parser = argparse.ArgumentParser()
     add_up_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["up", "--config", str(DEPLOY), "--port", "9001", "--model", "cpu-bench",
-                              "--api-key-env", "MY_KEYS", "--no-open-metrics", "--max-queued-requests", "8"])
+                              "--api-key-env", "MY_KEYS", "--no-open-metrics", "--max-queued-requests", "8",
+                              "--engine", "vllm"])
     config = config_from_args(args)
     assert config.port == 9001 and config.engine.model == "cpu-bench" and config.auth.api_key_env == "MY_KEYS"
     assert not config.auth.open_metrics and config.auth.open_health
-    assert config.engine_deployment.max_queued_requests == 8
+    assert config.engine_deployment.max_queued_requests == 8 and config.engine.backend == "vllm"
     assert config_from_args(parser.parse_args(["up"])) == AppConfig()
 
 

@@ -115,3 +115,98 @@ def test_vllm_config_carries_the_whole_grok1_config():
     assert (data["num_attention_heads"], data["num_key_value_heads"], data["head_dim"]) == (48, 8, 128)
     assert data["max_position_embeddings"] == 8192 and data["vocab_size"] == 131072
     assert grok1_config(SimpleNamespace(**data)) == config
+
+
+def gateway_bodies(golden: dict[str, np.ndarray]) -> list[dict]:
+    from services.model.tokenizer import load_tokenizer
+
+    greedy = {"max_tokens": 24, "temperature": 0, "return_token_ids": True}
+    bodies = [{**greedy, "prompt": golden[f"prompt_{j}"].tolist(), "ignore_eos": True} for j in golden_prompts(golden)]
+    # Prompt 2's greedy continuation holds EOS (id 2) at position 10: without ignore_eos both stop there.
+    bodies.append({**greedy, "prompt": golden["prompt_2"].tolist()})
+    # Prompt 1's continuation decodes to text (byte tokens): a stop string inside it, and streaming.
+    text = load_tokenizer(None, 1024).decode(golden["greedy_1"].tolist())
+    bodies.append({**greedy, "prompt": golden["prompt_1"].tolist(), "ignore_eos": True, "stop": [text[4:6]]})
+    bodies.append({**greedy, "prompt": golden["prompt_1"].tolist(), "ignore_eos": True, "stream": True})
+    bodies.append({**greedy, "prompt": golden["prompt_0"].tolist(), "max_tokens": 4, "logprobs": 3})
+    bodies.append({**greedy, "prompt": [5, 100000]})
+    return bodies
+
+
+@pytest.fixture(scope="module")
+def gateway_answers(tiny_reference, golden_f32, tmp_path_factory) -> tuple[list[dict], dict, dict]:
+    """(bodies, native answers, vLLM answers) for the same requests through the same gateway."""
+    import asyncio
+
+    from services.engine.async_engine import AsyncEngine
+    from services.engine.engine import LLMEngine
+    from services.gateway.openai_api import LocalEngineClient
+    from tests.vllm_gateway_run import answer, gateway_config
+
+    python = vllm_python()
+    bodies = gateway_bodies(golden_f32)
+    work = tmp_path_factory.mktemp("vllm-gateway")
+    (work / "bodies.json").write_text(json.dumps(bodies))
+    result = subprocess.run(
+        [str(python), str(ROOT / "tests" / "vllm_gateway_run.py"), str(tiny_reference), str(work / "bodies.json"),
+         str(work / "out.json")],
+        cwd=ROOT, capture_output=True, text=True, timeout=900, check=False,
+    )
+    assert result.returncode == 0, f"gateway run failed:\n{result.stdout[-4000:]}\n{result.stderr[-8000:]}"
+    config = gateway_config(str(tiny_reference), "native")
+
+    async def native() -> dict:
+        client = LocalEngineClient(AsyncEngine(LLMEngine(config.engine)))
+        try:
+            return await answer(client, config, bodies)
+        finally:
+            await client.shutdown()
+
+    return bodies, asyncio.run(native()), json.loads((work / "out.json").read_text())
+
+
+@pytest.mark.slow
+def test_gateway_on_the_vllm_backend_serves_golden_tokens(gateway_answers, golden_f32):
+    _, _, ours = gateway_answers
+    for j in golden_prompts(golden_f32):
+        answer = ours["answers"][j]
+        assert answer["status"] == 200, answer
+        assert answer["body"]["choices"][0]["token_ids"] == golden_f32[f"greedy_{j}"].tolist(), f"prompt {j}"
+
+
+@pytest.mark.slow
+def test_gateway_answers_alike_on_both_backends(gateway_answers):
+    # Text, token ids, EOS, stop strings, streaming, logprobs, usage and errors, request by request.
+    bodies, native, vllm = gateway_answers
+    assert any(a["status"] == 200 and a["body"]["choices"][0]["finish_reason"] == "stop"
+               for a in native["answers"]), "no request ended on EOS or a stop string: the check is weak"
+    for body, a, b in zip(bodies, native["answers"], vllm["answers"], strict=True):
+        assert a["status"] == b["status"], (body, a, b)
+        if body.get("stream"):
+            assert (a["text"], a["finish_reason"]) == (b["text"], b["finish_reason"]), body
+            continue
+        if a["status"] != 200:
+            assert a["body"]["error"]["message"] == b["body"]["error"]["message"]
+            continue
+        (ca,), (cb,) = a["body"]["choices"], b["body"]["choices"]
+        for key in ("text", "token_ids", "finish_reason"):
+            assert ca[key] == cb[key], (key, body, ca, cb)
+        # Cached prompt tokens are left out: each engine caches at its own block size (16 here, 128 in
+        # vLLM's CPU backend), so the same repeated prompt hits in one and not in the other.
+        for key in ("prompt_tokens", "completion_tokens", "total_tokens"):
+            assert a["body"]["usage"][key] == b["body"]["usage"][key], (key, body)
+        if body.get("logprobs"):
+            la, lb = ca["logprobs"], cb["logprobs"]
+            assert la["tokens"] == lb["tokens"]
+            assert np.allclose(la["token_logprobs"], lb["token_logprobs"], atol=TOL)
+            for ta, tb in zip(la["top_logprobs"], lb["top_logprobs"], strict=True):
+                assert ta.keys() == tb.keys()
+                assert np.allclose([ta[k] for k in ta], [tb[k] for k in ta], atol=TOL)
+
+
+@pytest.mark.slow
+def test_vllm_backend_metrics_reach_prometheus(gateway_answers):
+    _, _, vllm = gateway_answers
+    generated = [float(line.split()[-1]) for line in vllm["metrics"].splitlines()
+                 if line.startswith("grok_serve:generation_tokens_total{")]
+    assert generated and generated[0] >= 4 * 24

@@ -72,18 +72,25 @@ def run_ours(model: str, dtype: str, workload: Workload, **engine_options) -> di
     }
 
 
-def run_vllm(python: Path, workload: Workload, model: str, dtype: str, timeout_s: int = 3600) -> dict:
-    """The peer in its own virtualenv (loadtests/peers/vllm/setup.sh makes it), on a Mixtral config
-    with the preset's dimensions (loadtests/peers/vllm/mixtral_config.py reads our reference names)."""
+def run_vllm(python: Path, workload: Workload, model: str, dtype: str, timeout_s: int = 3600,
+             plugin: bool = False) -> dict:
+    """The peer in its own virtualenv (loadtests/peers/vllm/setup.sh makes it). plugin=False: vLLM's
+    Mixtral on a config with the preset's dimensions (loadtests/peers/vllm/mixtral_config.py reads our
+    reference names), dummy weights. plugin=True: Grok-1 through services/vllm_plugin, loading the
+    checkpoint directory `model` (benchmark_checkpoint makes one from a preset)."""
     from services.model.config import get_preset
 
     if not python.exists():
         raise FileNotFoundError(f"{python} not found: create the vLLM virtualenv with "
                                 f"loadtests/peers/vllm/setup.sh")
-    dims = REPO / ".cache" / f"{model}-dims.json"
-    dims.parent.mkdir(exist_ok=True)
-    dims.write_text(json.dumps(get_preset(model).to_reference_dict()))
-    cmd = [str(python), str(PEER_DIR / "offline_bench.py"), "--model-json", str(dims),
+    if plugin:
+        source = ["--model-dir", str(model), "--grok1-plugin"]
+    else:
+        dims = REPO / ".cache" / f"{model}-dims.json"
+        dims.parent.mkdir(exist_ok=True)
+        dims.write_text(json.dumps(get_preset(model).to_reference_dict()))
+        source = ["--model-json", str(dims)]
+    cmd = [str(python), str(PEER_DIR / "offline_bench.py"), *source,
            "--num-requests", str(workload.num_requests), "--prompt-len", str(workload.prompt_len),
            "--output-len", str(workload.output_len), "--seed", str(workload.seed), "--dtype", dtype]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -91,4 +98,18 @@ def run_vllm(python: Path, workload: Workload, model: str, dtype: str, timeout_s
     if proc.returncode:
         raise RuntimeError(f"vLLM peer failed ({proc.returncode}): {proc.stderr[-2000:]}")
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")][-1]
-    return {"engine": "vllm", **json.loads(line)}
+    return {"engine": "vllm-grok1-plugin" if plugin else "vllm", **json.loads(line)}
+
+
+def benchmark_checkpoint(model: str) -> Path:
+    """A checkpoint directory for `model`: itself, or for a preset its random weights written once as
+    safetensors under .cache/, so that two engines load the very same weights."""
+    from services.model.config import PRESETS
+    from services.model.convert import convert_release
+
+    if model not in PRESETS:
+        return Path(model)
+    path = REPO / ".cache" / f"{model}-checkpoint"
+    if not (path / "config.json").exists():
+        convert_release(model, path)
+    return path

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 from services.model.checkpoint import LOAD_FORMATS, TORCH_DTYPES
 
+ENGINE_BACKENDS = ("native", "vllm")
+
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -24,6 +26,9 @@ class EngineConfig:
     # One model instance over N ranks (services/engine/parallel.py): rank 0 here, N - 1 Ray actors.
     parallel_size: int = 1
     collective_timeout_s: float = 30.0  # a rank silent this long inside a step fails the engine
+    # native: services.engine. vllm: vLLM's engine with the Grok-1 plugin (services/vllm_plugin), in the
+    # same engine deployment behind the same gateway; needs vLLM installed and a checkpoint directory.
+    backend: str = "native"
 
     def __post_init__(self) -> None:
         if self.dtype not in TORCH_DTYPES:
@@ -39,6 +44,10 @@ class EngineConfig:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
                 raise ValueError(f"EngineConfig.{name} must be a positive integer or None, got {value!r}")
+        if self.backend not in ENGINE_BACKENDS:
+            raise ValueError(f"EngineConfig.backend must be one of {ENGINE_BACKENDS}, got {self.backend!r}")
+        if self.backend == "vllm" and self.parallel_size != 1:
+            raise ValueError("EngineConfig.backend 'vllm' runs one rank per replica: parallel_size must be 1")
         timeout = self.collective_timeout_s
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not (
                 math.isfinite(timeout) and timeout > 0):

@@ -24,6 +24,20 @@ from services.model.grok1 import Grok1
 from services.model.tokenizer import IncrementalDetokenizer, Tokenizer, load_tokenizer
 
 
+def check_request(prompt_token_ids: Seq[int], params: SamplingParams, vocab_size: int, max_model_len: int) -> None:
+    """Raise ValueError for a request no engine can serve: the same rules for every engine backend."""
+    n = len(prompt_token_ids)
+    if n == 0:
+        raise ValueError("the prompt is empty")
+    bad = next((t for t in prompt_token_ids if not 0 <= int(t) < vocab_size), None)
+    if bad is not None:
+        raise ValueError(f"prompt token id {bad} is outside the vocabulary [0, {vocab_size})")
+    wanted = n + (params.max_tokens or 1)
+    if wanted > max_model_len:
+        raise ValueError(f"this model's maximum context length is {max_model_len} tokens; the "
+                         f"request has {n} prompt tokens and asks for {params.max_tokens or 1} more")
+
+
 @dataclass
 class _SeqText:
     stream: TextStream
@@ -86,17 +100,7 @@ class LLMEngine:
     # --- requests ----------------------------------------------------------------------------
     def validate(self, prompt_token_ids: Seq[int], params: SamplingParams) -> None:
         """Raise ValueError for a request that can never be served (nothing is queued)."""
-        n = len(prompt_token_ids)
-        vocab = self.model.config.vocab_size
-        if n == 0:
-            raise ValueError("the prompt is empty")
-        bad = next((t for t in prompt_token_ids if not 0 <= int(t) < vocab), None)
-        if bad is not None:
-            raise ValueError(f"prompt token id {bad} is outside the vocabulary [0, {vocab})")
-        wanted = n + (params.max_tokens or 1)
-        if wanted > self.max_model_len:
-            raise ValueError(f"this model's maximum context length is {self.max_model_len} tokens; the "
-                             f"request has {n} prompt tokens and asks for {params.max_tokens or 1} more")
+        check_request(prompt_token_ids, params, self.model.config.vocab_size, self.max_model_len)
 
     def add_request(self, request_id: str, prompt_token_ids: Seq[int], params: SamplingParams,
                     arrival_time: float | None = None) -> None:

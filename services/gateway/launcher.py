@@ -21,7 +21,7 @@ APP_NAME = "grok-serve"
 # flag destination -> option path in AppConfig
 _OVERRIDES = {
     "host": "host", "port": "port", "model": "engine.model", "dtype": "engine.dtype",
-    "load_format": "engine.load_format", "max_model_len": "engine.max_model_len",
+    "load_format": "engine.load_format", "engine": "engine.backend", "max_model_len": "engine.max_model_len",
     "max_num_seqs": "engine.max_num_seqs", "kv_cache_memory_bytes": "engine.kv_cache_memory_bytes",
     "served_model_name": "served_model_name", "chat_template": "chat_template",
     "api_key_env": "auth.api_key_env", "api_key_file": "auth.api_key_file",
@@ -43,6 +43,9 @@ def add_up_parser(subparsers: Any) -> argparse.ArgumentParser:
     up.add_argument("--model", help="preset (tiny, cpu-bench, grok-1) or checkpoint directory (default tiny)")
     up.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
     up.add_argument("--load-format", choices=["auto", "release", "safetensors", "hf", "dummy"])
+    up.add_argument("--engine", choices=["native", "vllm"],
+                    help="native (default), or vLLM with the Grok-1 plugin (needs vLLM installed and a "
+                         "checkpoint directory; docs/vllm_plugin.md)")
     up.add_argument("--max-model-len", type=int)
     up.add_argument("--max-num-seqs", type=int)
     up.add_argument("--kv-cache-memory-bytes", type=int)

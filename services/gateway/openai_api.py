@@ -151,6 +151,9 @@ class LocalEngineClient:
         # The step thread mutates the stats: read them between steps.
         return self.engine.read(lambda engine: engine_snapshot(engine, self.replica))
 
+    async def shutdown(self) -> None:
+        await self.engine.shutdown()
+
 
 @dataclass(frozen=True)
 class GenerationJob:

@@ -1,4 +1,6 @@
-"""Release pickles -> safetensors shards (release names, int8 kept int8), so restarts mmap, never unpickle."""
+"""Release pickles -> safetensors shards (release names, int8 kept int8), so restarts mmap, never unpickle.
+A preset name instead of a directory writes its random (dummy) weights: a checkpoint other engines
+(the vLLM plugin) can load to compare on the same weights."""
 from __future__ import annotations
 
 import json
@@ -7,17 +9,22 @@ from pathlib import Path
 
 import numpy as np
 
-from services.model.checkpoint import SAFETENSORS_INDEX, SCALES_SUFFIX, iter_release, to_torch
-from services.model.config import Grok1Config
+from services.model.checkpoint import SAFETENSORS_INDEX, SCALES_SUFFIX, dummy_weights, iter_release, to_torch
+from services.model.config import PRESETS, Grok1Config
 from services.model.release_format import CheckpointError, QuantizedWeight8bit
 
 
-def convert_release(source: Path, dest: Path, shard_bytes: int = 4 << 30) -> dict:
+def convert_release(source: Path | str, dest: Path, shard_bytes: int = 4 << 30, seed: int = 0) -> dict:
     """Streams file by file: at most one output shard (plus one tensor) is held in memory."""
     from safetensors.torch import save_file
 
+    if str(source) in PRESETS:
+        config = PRESETS[str(source)]
+        tensors = dummy_weights(config, seed)
+    else:
+        config = Grok1Config.from_dir(source)
+        tensors = iter_release(Path(source), config)
     source, dest = Path(source), Path(dest)
-    config = Grok1Config.from_dir(source)
     dest.mkdir(parents=True, exist_ok=True)
     if any(dest.glob("*.safetensors")):
         raise CheckpointError(f"{dest}: already holds safetensors files; choose an empty directory")
@@ -34,7 +41,7 @@ def convert_release(source: Path, dest: Path, shard_bytes: int = 4 << 30) -> dic
             shard_files.append(name)
         pending, pending_bytes = {}, 0
 
-    for name, value, _, _ in iter_release(source, config):
+    for name, value, _, _ in tensors:
         arrays = {name: value.weight, name + SCALES_SUFFIX: value.scales} \
             if isinstance(value, QuantizedWeight8bit) else {name: value}
         size = sum(a.nbytes for a in arrays.values())

@@ -193,7 +193,8 @@ loader's defaults apply to the build) and set in the per-deployment overrides be
   "max_model_len" $v.model.maxModelLen
   "enable_prefix_caching" $e.enablePrefixCaching
   "parallel_size" $e.parallelSize
-  "collective_timeout_s" $e.collectiveTimeoutS }}
+  "collective_timeout_s" $e.collectiveTimeoutS
+  "backend" $e.backend }}
 {{- /* What placement needs: a change means new replicas anyway. */}}
 {{- $engineDeployment := dict
   "parallel_size" $e.parallelSize

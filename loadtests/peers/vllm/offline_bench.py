@@ -44,7 +44,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        description="vLLM CPU offline throughput benchmark (dummy weights)",
+        description="vLLM CPU offline throughput benchmark (dummy weights, or a Grok-1 checkpoint through grok-serve's plugin)",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     m = p.add_argument_group("model")
     m.add_argument("--model-dir",
@@ -54,6 +54,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     m.add_argument("--model-json", metavar="FILE",
                    help="dimensions JSON passed to mixtral_config.py "
                         "(ignored with --model-dir)")
+    m.add_argument("--grok1-plugin", action="store_true",
+                   help="--model-dir is a Grok-1 checkpoint: load it through grok-serve's vLLM "
+                        "plugin (config_format and load_format grok1) instead of dummy weights")
     m.add_argument("--dtype", default="float32",
                    choices=["float32", "bfloat16", "float16"])
     w = p.add_argument_group("workload")
@@ -239,13 +242,15 @@ def main(argv: list[str] | None = None) -> int:
 
     engine_kwargs: dict[str, Any] = {
         "model": model_dir,
-        "load_format": "dummy",
+        "load_format": "grok1" if args.grok1_plugin else "dummy",
         "skip_tokenizer_init": True,
         "dtype": args.dtype,
         "max_model_len": max_model_len,
         "seed": args.seed,
         "enforce_eager": args.enforce_eager,
     }
+    if args.grok1_plugin:
+        engine_kwargs["config_format"] = "grok1"
     if args.max_num_seqs is not None:
         engine_kwargs["max_num_seqs"] = args.max_num_seqs
     if args.max_num_batched_tokens is not None:
@@ -335,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
             "num_hidden_layers", "num_local_experts", "num_experts_per_tok",
             "vocab_size", "tie_word_embeddings")},
         "vllm_settings": {
-            "load_format": "dummy",
+            "load_format": engine_kwargs["load_format"],
             "skip_tokenizer_init": True,
             "max_model_len": max_model_len,
             "enforce_eager": args.enforce_eager,
