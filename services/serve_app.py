@@ -32,8 +32,9 @@ from services.engine.async_engine import AsyncEngine, EngineDeadError
 from services.engine.outputs import RequestOutput
 from services.engine.sampling_params import SamplingParams
 from services.gateway.config import AppConfig, load_config
+from services.gateway.engine_client import LocalEngineClient, ModelInfo
 from services.gateway.errors import EngineUnavailableError, QueueFullError
-from services.gateway.openai_api import LocalEngineClient, ModelInfo, build_context, create_app
+from services.gateway.openai_api import build_context, create_app
 from services.model.tokenizer import Tokenizer, load_tokenizer
 
 logger = logging.getLogger(__name__)

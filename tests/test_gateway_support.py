@@ -20,7 +20,8 @@ from services.engine.config import EngineConfig
 from services.engine.engine import LLMEngine
 from services.gateway.auth import ApiKeys
 from services.gateway.config import AppConfig
-from services.gateway.openai_api import LocalEngineClient, build_context, create_app
+from services.gateway.engine_client import LocalEngineClient
+from services.gateway.openai_api import build_context, create_app
 
 REFERENCE_TINY = Path(__file__).resolve().parents[1] / ".." / "shared" / "grok1-reference" / "tiny"
 

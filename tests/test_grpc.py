@@ -15,14 +15,9 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from services.engine.async_engine import AsyncEngine, EngineDeadError
 from services.engine.config import EngineConfig
 from services.engine.engine import LLMEngine
+from services.gateway.engine_client import LocalEngineClient, StreamingEngineClient
 from services.gateway.errors import EngineUnavailableError, QueueFullError
-from services.gateway.grpc_server import (
-    GENERATION_SERVICE,
-    RETRY_PUSHBACK_KEY,
-    AsyncEngineClient,
-    EngineClient,
-    build_grpc_server,
-)
+from services.gateway.grpc_server import GENERATION_SERVICE, RETRY_PUSHBACK_KEY, build_grpc_server
 from services.gateway.proto import grok_serve_pb2 as pb
 from services.gateway.proto import grok_serve_pb2_grpc as pb_grpc
 from tests.conftest import golden_prompts
@@ -41,7 +36,7 @@ def _free_port() -> int:
 class Served:
     """A started server in a private event loop on a daemon thread; `close()` stops everything."""
 
-    def __init__(self, client: EngineClient, api_keys: frozenset[str] | None, beside: Served | None = None):
+    def __init__(self, client: StreamingEngineClient, api_keys: frozenset[str] | None, beside: Served | None = None):
         """`beside`: share that server's event loop (an AsyncEngine serves only the loop it started in)."""
         self.client = client
         self.owns_loop = beside is None
@@ -85,7 +80,7 @@ class Served:
 @pytest.fixture(scope="module")
 def served():
     engine = AsyncEngine(LLMEngine(EngineConfig(model="tiny")))
-    s = Served(AsyncEngineClient(engine), frozenset({KEY, "another-key"}))
+    s = Served(LocalEngineClient(engine), frozenset({KEY, "another-key"}))
     yield s
     s.close()
 
@@ -94,7 +89,7 @@ class RemoteLikeClient:
     """Forwards to an engine client through a stream that neither cancellation nor closing reaches
     (and that stays referenced), like a remote call: only `abort` stops the request."""
 
-    def __init__(self, inner: AsyncEngineClient):
+    def __init__(self, inner: LocalEngineClient):
         self.inner = inner
         self.tokenizer, self.max_model_len = inner.tokenizer, inner.max_model_len
         self.streams: list = []
@@ -304,7 +299,7 @@ class FailingClient:
 ])
 def test_engine_failures_map_to_status_codes(served, error, healthy, code):
     client = FailingClient(served.client.tokenizer, error, healthy)
-    assert isinstance(client, EngineClient)
+    assert isinstance(client, StreamingEngineClient)
     other = Served(client, api_keys=None)
     try:
         request = pb.GenerateRequest(text="hi", sampling_params=greedy(2))
@@ -340,7 +335,7 @@ def test_health_watch_follows_the_engine(served):
 # --- the reference checkpoint ---------------------------------------------------------------------
 def test_greedy_stream_matches_the_reference(tiny_reference, golden_f32):
     engine = AsyncEngine(LLMEngine(EngineConfig(model=str(tiny_reference))))
-    ref = Served(AsyncEngineClient(engine), api_keys=None)
+    ref = Served(LocalEngineClient(engine), api_keys=None)
     try:
         calls = {}
         for j in golden_prompts(golden_f32):  # all in flight at once, so the engine batches them

@@ -195,6 +195,15 @@ def test_group_greedy_tokens_through_the_engine(engine2, golden):
     # Each route (token, chosen expert) ran on exactly one rank.
     assert len(stats.rank_expert_tokens) == 2
     assert sum(stats.rank_expert_tokens) == sum(map(sum, stats.expert_tokens)) > 0
+    # ... and Prometheus sees the same numbers.
+    from services.gateway.metrics import GatewayMetrics, engine_snapshot
+
+    metrics = GatewayMetrics("m")
+    metrics.fold(engine_snapshot(engine2, "r0"))
+    text = metrics.render().decode()
+    for rank, routes in enumerate(stats.rank_expert_tokens):
+        assert f'grok_serve:rank_expert_tokens_total{{model_name="m",rank="{rank}"}} {float(routes)}' in text
+    assert f'grok_serve:collective_seconds_total{{model_name="m"}} {stats.collective_s_total}' in text
 
 
 def test_each_rank_loads_less_than_one_rank(engine2):

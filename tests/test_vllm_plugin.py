@@ -140,7 +140,7 @@ def gateway_answers(tiny_reference, golden_f32, tmp_path_factory) -> tuple[list[
 
     from services.engine.async_engine import AsyncEngine
     from services.engine.engine import LLMEngine
-    from services.gateway.openai_api import LocalEngineClient
+    from services.gateway.engine_client import LocalEngineClient
     from tests.vllm_gateway_run import answer, gateway_config
 
     python = vllm_python()

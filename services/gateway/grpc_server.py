@@ -1,7 +1,7 @@
 """The gRPC API (`grok_serve.v1.Generation`, proto/grok_serve.proto) with health and reflection.
 
-The servicer talks to the engine only through an `EngineClient`, so the same code serves an
-in-process `AsyncEngine` (`AsyncEngineClient`) and a Ray Serve deployment handle. Requests that can
+The servicer talks to the engine only through a `StreamingEngineClient` (engine_client.py), so the
+same code serves an in-process `AsyncEngine` (`LocalEngineClient`) and a Ray Serve deployment handle. Requests that can
 never be served are rejected before anything is queued; a call that ends early (cancelled, past its
 deadline, connection lost) aborts its request so the engine frees the KV blocks at once.
 """
@@ -14,15 +14,15 @@ import logging
 import uuid
 from collections.abc import AsyncIterator
 from collections.abc import Sequence as Seq
-from typing import Protocol, runtime_checkable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from services.engine.async_engine import AsyncEngine, EngineDeadError
+from services.engine.async_engine import EngineDeadError
 from services.engine.outputs import CompletionOutput, RequestOutput
 from services.engine.sampling_params import SamplingParams
+from services.gateway.engine_client import StreamingEngineClient
 from services.gateway.errors import QueueFullError
 from services.gateway.proto import grok_serve_pb2 as pb
 from services.gateway.proto import grok_serve_pb2_grpc as pb_grpc
@@ -41,60 +41,6 @@ _OPTIONAL_PARAMS = ("n", "temperature", "top_p", "top_k", "min_p", "seed", "pres
                     "skip_special_tokens")
 _FINISH_REASONS = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH,
                    "abort": pb.FINISH_REASON_ABORT}
-
-
-@runtime_checkable
-class EngineClient(Protocol):
-    """What the gRPC (and HTTP) gateway needs from an engine, wherever it runs.
-
-    `generate` yields the request's `RequestOutput` increments, the last with `finished`; closing the
-    iterator early should abort the request, and `abort` must as well (and ignore unknown ids: the
-    gateway may abort a request that already finished). Failures are reported as: `ValueError` for a
-    request that cannot be served, `QueueFullError` (services.gateway.errors) when it cannot be taken
-    now, `EngineDeadError` when the engine is gone. `is_healthy` is read on every health check, so it
-    must be cheap, and kept current by the client: requests are still attempted while it is False
-    (the engine client, not a cached flag, decides that the engine is gone).
-    """
-
-    @property
-    def tokenizer(self) -> Tokenizer: ...
-
-    @property
-    def max_model_len(self) -> int: ...
-
-    @property
-    def is_healthy(self) -> bool: ...
-
-    def generate(self, prompt_ids: Seq[int], params: SamplingParams,
-                 request_id: str) -> AsyncIterator[RequestOutput]: ...
-
-    async def abort(self, request_id: str) -> None: ...
-
-
-class AsyncEngineClient:
-    """`EngineClient` over an `AsyncEngine` in this process."""
-
-    def __init__(self, engine: AsyncEngine):
-        self.engine = engine
-
-    @property
-    def tokenizer(self) -> Tokenizer:
-        return self.engine.engine.tokenizer
-
-    @property
-    def max_model_len(self) -> int:
-        return self.engine.engine.max_model_len
-
-    @property
-    def is_healthy(self) -> bool:
-        return self.engine.is_healthy
-
-    def generate(self, prompt_ids: Seq[int], params: SamplingParams,
-                 request_id: str) -> AsyncIterator[RequestOutput]:
-        return self.engine.generate(prompt_ids, params, request_id)
-
-    async def abort(self, request_id: str) -> None:
-        await self.engine.abort(request_id)
 
 
 class _Rejected(Exception):
@@ -170,7 +116,7 @@ def _merge_responses(parts: list[pb.GenerateResponse]) -> pb.GenerateResponse:
 
 
 class GenerationServicer(pb_grpc.GenerationServicer):
-    def __init__(self, client: EngineClient, tokenizer: Tokenizer):
+    def __init__(self, client: StreamingEngineClient, tokenizer: Tokenizer):
         self._client = client
         self._tokenizer = tokenizer
 
@@ -272,7 +218,7 @@ class EngineHealthServicer(health.aio.HealthServicer):
     Watch is open.
     """
 
-    def __init__(self, client: EngineClient, services: Seq[str], poll_s: float = 1.0):
+    def __init__(self, client: StreamingEngineClient, services: Seq[str], poll_s: float = 1.0):
         super().__init__()
         self._client = client
         self._services = ("", *services)  # "" is the server as a whole
@@ -346,7 +292,7 @@ def _unauthenticated(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
                 response_serializer=handler.response_serializer)
 
 
-def build_grpc_server(client: EngineClient, tokenizer: Tokenizer | None = None,
+def build_grpc_server(client: StreamingEngineClient, tokenizer: Tokenizer | None = None,
                       api_keys: frozenset[str] | None = None, host: str = "127.0.0.1",
                       port: int = 50051) -> grpc.aio.Server:
     """A grpc.aio server (not started) with Generation, grpc.health.v1 and server reflection.

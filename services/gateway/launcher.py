@@ -129,17 +129,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`python -m services.gateway.launcher up ...`: the same command outside the `grok-serve` CLI."""
-    parser = argparse.ArgumentParser(prog="grok-serve")
-    add_up_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except (ValueError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-
-
 if __name__ == "__main__":
+    # `python -m services.gateway.launcher up ...`: the grok-serve CLI, for environments without its script.
+    from services.cli import main
+
     sys.exit(main())

@@ -84,6 +84,13 @@ METRICS: tuple[MetricSpec, ...] = (
                "two experts per layer).", ("layer", "expert")),
     MetricSpec("expert_load_imbalance", "gauge", "Per layer: tokens of the busiest expert over the mean "
                "per expert, since start (1 = perfectly balanced).", ("layer",)),
+    # Parallel group (engine.parallel_size > 1).
+    MetricSpec("collective_seconds", "counter", "Rank 0's wall time inside the model's collectives "
+               "(all-reduce, all-gather), waiting for the slowest rank included."),
+    MetricSpec("step_broadcast_seconds", "counter", "Rank 0's wall time sending each step's description "
+               "to the other ranks."),
+    MetricSpec("rank_expert_tokens", "counter", "Routed (token, expert) pairs computed by each rank of the "
+               "parallel group (expert e lives on rank e mod N).", ("rank",)),
     # Gateway.
     MetricSpec("http_requests", "counter", "HTTP requests answered, by method, route and status code.",
                ("method", "route", "status")),
@@ -101,6 +108,7 @@ _ENGINE_COUNTERS = {
     "prefix_cache_hits": "prefix_cache_hits", "prompt_tokens": "prompt_tokens",
     "generation_tokens": "generation_tokens", "aborts": "request_aborts",
     "step_seconds": "engine_step_seconds", "forward_seconds": "model_forward_seconds",
+    "collective_seconds": "collective_seconds", "step_broadcast_seconds": "step_broadcast_seconds",
 }
 _ENGINE_SAMPLES = {
     "ttft": "time_to_first_token_seconds", "itl": "inter_token_latency_seconds",
@@ -121,7 +129,9 @@ def engine_snapshot(engine: Any, replica: str) -> dict[str, Any]:
             "prefix_cache_hits": engine.block_manager.prefix_cache_hits, "prompt_tokens": stats.prompt_tokens,
             "generation_tokens": stats.generation_tokens, "aborts": stats.aborts,
             "step_seconds": stats.step_s_total, "forward_seconds": stats.forward_s_total,
+            "collective_seconds": stats.collective_s_total, "step_broadcast_seconds": stats.step_broadcast_s_total,
         },
+        "rank_expert_tokens": list(stats.rank_expert_tokens),
         "finished": dict(stats.finished_by_reason),
         "gauges": {"running": engine.scheduler.num_running, "waiting": engine.scheduler.num_waiting,
                    "kv_usage": engine.block_manager.usage},
@@ -171,6 +181,8 @@ class GatewayMetrics:
                           layer=str(layer), expert=str(expert))
             if row and sum(row) > 0:
                 self._m("expert_load_imbalance", layer=str(layer)).set(max(row) * len(row) / sum(row))
+        for rank, value in enumerate(snapshot.get("rank_expert_tokens", [])):
+            self._add(replica, f"rank:{rank}", value, "rank_expert_tokens", rank=str(rank))
         gauges = snapshot.get("gauges", {})
         self._m("num_requests_running").set(gauges.get("running", 0))
         self._m("num_requests_waiting").set(gauges.get("waiting", 0))

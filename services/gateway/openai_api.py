@@ -19,20 +19,19 @@ import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable
-from collections.abc import Sequence as Seq
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
 
 from fastapi import FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from services.engine.async_engine import AsyncEngine, EngineDeadError
+from services.engine.async_engine import EngineDeadError
 from services.engine.outputs import RequestOutput
 from services.engine.sampling_params import SamplingParams
 from services.gateway import protocol as p
 from services.gateway.auth import ApiKeyMiddleware, ApiKeys, BodyLimitMiddleware
 from services.gateway.config import AppConfig
+from services.gateway.engine_client import EngineClient, ModelInfo
 from services.gateway.errors import (
     ApiError,
     BadRequestError,
@@ -43,7 +42,7 @@ from services.gateway.errors import (
     install_error_handlers,
     queue_full,
 )
-from services.gateway.metrics import GatewayMetrics, HttpMetricsMiddleware, engine_snapshot
+from services.gateway.metrics import GatewayMetrics, HttpMetricsMiddleware
 from services.gateway.protocol import Choice, chat_logprobs, completion_logprobs
 from services.model.chat_template import ChatTemplate
 from services.model.tokenizer import Tokenizer
@@ -53,106 +52,6 @@ logger = logging.getLogger(__name__)
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 _DONE = "data: [DONE]\n\n"
 _CHAT_RENAME = {"logprobs": "top_logprobs"}
-
-
-# --- engine clients --------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """What the gateway must know about the model to admit requests without asking the engine."""
-
-    source: str  # the preset name or checkpoint directory the engine loaded
-    max_model_len: int
-    vocab_size: int
-    num_layers: int
-    num_experts: int
-    created: int
-
-    @classmethod
-    def of(cls, engine: Any) -> ModelInfo:
-        mc = engine.model.config
-        return cls(str(engine.config.model), engine.max_model_len, mc.vocab_size, mc.num_layers,
-                   mc.num_experts, int(time.time()))
-
-
-@runtime_checkable
-class EngineClient(Protocol):
-    """The engine as the front ends see it, in this process or behind a Ray Serve handle.
-
-    `generate` yields a request's `RequestOutput` increments, the last with `finished`; closing the
-    iterator early aborts the request. Failures: `ValueError` (cannot be served), `QueueFullError`
-    (not now), `EngineDeadError` (no engine). The first five members are the ones grpc_server.py's
-    client protocol has too.
-    """
-
-    @property
-    def tokenizer(self) -> Tokenizer: ...
-
-    @property
-    def max_model_len(self) -> int: ...
-
-    @property
-    def is_healthy(self) -> bool: ...
-
-    def generate(self, prompt_ids: Seq[int], params: SamplingParams,
-                 request_id: str) -> AsyncIterator[RequestOutput]: ...
-
-    async def abort(self, request_id: str) -> None: ...
-
-    @property
-    def model_info(self) -> ModelInfo: ...
-
-    async def check_health(self) -> None:
-        """Raise `EngineDeadError` when the engine cannot serve."""
-
-    async def metrics_snapshot(self) -> dict[str, Any]:
-        """`metrics.engine_snapshot` of the engine (drains its histogram samples)."""
-
-
-class LocalEngineClient:
-    """An `AsyncEngine` in this process (the engine replica itself, and tests)."""
-
-    def __init__(self, engine: AsyncEngine, replica: str = "local"):
-        self.engine = engine
-        self.replica = replica
-        self._info = ModelInfo.of(engine.engine)
-
-    @property
-    def tokenizer(self) -> Tokenizer:
-        return self.engine.engine.tokenizer
-
-    @property
-    def max_model_len(self) -> int:
-        return self._info.max_model_len
-
-    @property
-    def model_info(self) -> ModelInfo:
-        return self._info
-
-    @property
-    def is_healthy(self) -> bool:
-        return self.engine.is_healthy
-
-    def generate(self, prompt_ids: Seq[int], params: SamplingParams,
-                 request_id: str) -> AsyncIterator[RequestOutput]:
-        return self.engine.generate(prompt_ids, params, request_id)
-
-    async def abort(self, request_id: str) -> None:
-        await self.engine.abort(request_id)
-
-    async def check_health(self) -> None:
-        if not self.engine.is_healthy:
-            raise EngineDeadError(f"the engine stopped: {self.engine.error!r}")
-
-    async def metrics_snapshot(self) -> dict[str, Any]:
-        return await asyncio.to_thread(self._snapshot)
-
-    def _snapshot(self) -> dict[str, Any]:
-        # The step thread mutates the stats: read them between steps.
-        return self.engine.read(lambda engine: engine_snapshot(engine, self.replica))
-
-    async def shutdown(self) -> None:
-        await self.engine.shutdown()
 
 
 @dataclass(frozen=True)

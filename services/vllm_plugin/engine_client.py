@@ -1,6 +1,6 @@
 """The engine client over vLLM's AsyncLLM running Grok-1 through the plugin (`engine.backend: vllm`).
 
-The gateway sees it exactly as the native engine (services.gateway.openai_api.EngineClient). vLLM
+The gateway sees it exactly as the native engine (services.gateway.engine_client.EngineClient). vLLM
 gets token ids and returns token ids: text, stop strings and EOS are handled here with the model's
 own tokenizer (vLLM cannot load SentencePiece), by the same TextStream as the native engine.
 """
@@ -19,7 +19,7 @@ from services.engine.engine import check_request
 from services.engine.outputs import CompletionOutput, RequestOutput, Usage
 from services.engine.sampling_params import SamplingParams
 from services.engine.text_stream import TextStream
-from services.gateway.openai_api import ModelInfo
+from services.gateway.engine_client import ModelInfo
 from services.model.checkpoint import resolve_source
 from services.model.tokenizer import IncrementalDetokenizer, Tokenizer, load_tokenizer
 from services.vllm_plugin import FORMAT
