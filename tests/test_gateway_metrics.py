@@ -94,6 +94,12 @@ def test_metrics_after_a_known_workload(server):
     assert metric(text, "grok_serve:inter_token_latency_seconds_count") == generated - sequences
     assert metric(text, "grok_serve:e2e_request_latency_seconds_count") == sequences
     assert metric(text, "grok_serve:request_queue_time_seconds_count") == sequences
+    assert metric(text, "grok_serve:request_prefill_time_seconds_count") == sequences
+    assert metric(text, "grok_serve:request_decode_time_seconds_count") == sequences
+    # Prefill + decode of a sequence never exceed its end-to-end time (queueing comes on top).
+    assert (metric(text, "grok_serve:request_prefill_time_seconds_sum")
+            + metric(text, "grok_serve:request_decode_time_seconds_sum")
+            <= metric(text, "grok_serve:e2e_request_latency_seconds_sum") + 1e-9)
     assert metric(text, "grok_serve:time_to_first_token_seconds_sum") > 0
     assert metric(text, "grok_serve:kv_cache_usage_perc") == 0
     assert metric(text, "grok_serve:num_requests_running") == 0

@@ -35,6 +35,10 @@ class EngineStats:
     itl: list[float] = field(default_factory=list)
     e2e: list[float] = field(default_factory=list)
     queue: list[float] = field(default_factory=list)
+    # Per finished sequence: first scheduled -> first token (prefill, chunks and waits between them
+    # included), first token -> finish (decode).
+    prefill: list[float] = field(default_factory=list)
+    decode: list[float] = field(default_factory=list)
     tokens_per_step: list[int] = field(default_factory=list)
     expert_tokens: list[list[int]] = field(default_factory=list)  # [L][E] cumulative
     # Parallel groups (services/engine/parallel_runner.py). Collective time is rank 0's wall time inside
@@ -97,6 +101,10 @@ class EngineStats:
         self.finished_by_reason[reason] = self.finished_by_reason.get(reason, 0) + 1
         if seq.finished_time is not None:
             self.e2e.append(seq.finished_time - seq.arrival_time)
+            if seq.first_token_time is not None:
+                self.decode.append(seq.finished_time - seq.first_token_time)
+                if seq.first_scheduled_time is not None:
+                    self.prefill.append(seq.first_token_time - seq.first_scheduled_time)
         self._finished_seq_ids.add(seq.seq_id)
 
     def record_abort(self, num_seqs: int) -> None:
@@ -105,7 +113,9 @@ class EngineStats:
     def drain(self) -> dict[str, list]:
         """Histogram samples since the last call (and forget them)."""
         out = {"ttft": self.ttft, "itl": self.itl, "e2e": self.e2e, "queue": self.queue,
+               "prefill": self.prefill, "decode": self.decode,
                "tokens_per_step": self.tokens_per_step, "collective_s": self.collective_s}
         self.ttft, self.itl, self.e2e, self.queue, self.tokens_per_step = [], [], [], [], []
+        self.prefill, self.decode = [], []
         self.collective_s = []
         return out

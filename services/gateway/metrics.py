@@ -75,6 +75,10 @@ METRICS: tuple[MetricSpec, ...] = (
                "finish.", (), _REQUEST_BUCKETS),
     MetricSpec("request_queue_time_seconds", "histogram", "From arrival at the engine to the first time "
                "it is scheduled.", (), _REQUEST_BUCKETS),
+    MetricSpec("request_prefill_time_seconds", "histogram", "From a sequence's first scheduling to its "
+               "first generated token (every prefill chunk, and the waits between them).", (), _REQUEST_BUCKETS),
+    MetricSpec("request_decode_time_seconds", "histogram", "From a sequence's first generated token to its "
+               "finish.", (), _REQUEST_BUCKETS),
     MetricSpec("iteration_tokens_total", "histogram", "Tokens in one engine step (prefill chunks plus "
                "decodes).", (), _STEP_TOKEN_BUCKETS),
     MetricSpec("engine_step_seconds", "counter", "Wall time spent in engine steps."),
@@ -113,6 +117,7 @@ _ENGINE_COUNTERS = {
 _ENGINE_SAMPLES = {
     "ttft": "time_to_first_token_seconds", "itl": "inter_token_latency_seconds",
     "e2e": "e2e_request_latency_seconds", "queue": "request_queue_time_seconds",
+    "prefill": "request_prefill_time_seconds", "decode": "request_decode_time_seconds",
     "tokens_per_step": "iteration_tokens_total",
 }
 
