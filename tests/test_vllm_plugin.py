@@ -135,8 +135,12 @@ def gateway_bodies(golden: dict[str, np.ndarray]) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def gateway_answers(tiny_reference, golden_f32, tmp_path_factory) -> tuple[list[dict], dict, dict]:
-    """(bodies, native answers, vLLM answers) for the same requests through the same gateway."""
+    """(bodies, native answers, vLLM answers) for the same requests through the same gateway, both
+    engines loading the reference checkpoint converted to safetensors (the LLM API run above reads
+    the release pickles)."""
     import asyncio
+
+    from services.model.convert import convert_release
 
     from services.engine.async_engine import AsyncEngine
     from services.engine.engine import LLMEngine
@@ -146,14 +150,16 @@ def gateway_answers(tiny_reference, golden_f32, tmp_path_factory) -> tuple[list[
     python = vllm_python()
     bodies = gateway_bodies(golden_f32)
     work = tmp_path_factory.mktemp("vllm-gateway")
+    checkpoint = work / "tiny-safetensors"
+    convert_release(tiny_reference, checkpoint)
     (work / "bodies.json").write_text(json.dumps(bodies))
     result = subprocess.run(
-        [str(python), str(ROOT / "tests" / "vllm_gateway_run.py"), str(tiny_reference), str(work / "bodies.json"),
+        [str(python), str(ROOT / "tests" / "vllm_gateway_run.py"), str(checkpoint), str(work / "bodies.json"),
          str(work / "out.json")],
         cwd=ROOT, capture_output=True, text=True, timeout=900, check=False,
     )
     assert result.returncode == 0, f"gateway run failed:\n{result.stdout[-4000:]}\n{result.stderr[-8000:]}"
-    config = gateway_config(str(tiny_reference), "native")
+    config = gateway_config(str(checkpoint), "native")
 
     async def native() -> dict:
         client = LocalEngineClient(AsyncEngine(LLMEngine(config.engine)))
