@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from kernels.dispatch import MOE_BACKENDS, ExpertWeights, fused_moe
+from kernels.dispatch import MOE_BACKENDS, ExpertWeights, dense_matmul, fused_moe
 from services.model.attention_metadata import AttentionMetadata
 from services.model.config import Grok1Config
 from services.model.paged_attention import paged_attention, write_kv
@@ -49,7 +49,7 @@ class Linear(nn.Module):
         return self.w if self.scales is None else dequantize(self.w, self.scales, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x @ self.weight(x.dtype)
+        return dense_matmul(x, self.weight(x.dtype))
 
 
 class ExpertLinear(nn.Module):
@@ -238,7 +238,7 @@ class Grok1(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [S, D] -> float32 logits [S, V] (tied output embedding, output multiplier)."""
         h = self.rms_norm(hidden)
-        local = h @ self.in_out_embed.embeddings.to(h.dtype).T  # [S, V_l]
+        local = dense_matmul(h, self.in_out_embed.embeddings.to(h.dtype).T)  # [S, V_l]
         logits = self.comm.all_gather(local, dim=-1)
         return (logits * self.config.output_multiplier_scale).float()
 
