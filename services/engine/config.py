@@ -53,3 +53,7 @@ class EngineConfig:
                 math.isfinite(timeout) and timeout > 0):
             raise ValueError(f"EngineConfig.collective_timeout_s must be a positive number of seconds, "
                              f"got {timeout!r}")
+
+    def context_length(self, model_max_seq_len: int) -> int:
+        """max_model_len as served: the configured one, never beyond the model's own context."""
+        return min(self.max_model_len or model_max_seq_len, model_max_seq_len)

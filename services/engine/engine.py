@@ -75,7 +75,7 @@ class LLMEngine:
         mc = self.model.config
         model_dir = Path(config.model) if Path(config.model).is_dir() else None
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model_dir, mc.vocab_size)
-        self.max_model_len = min(config.max_model_len or mc.max_seq_len, mc.max_seq_len)
+        self.max_model_len = config.context_length(mc.max_seq_len)
         num_blocks = config.num_kv_blocks or num_kv_blocks(
             config.kv_cache_memory_bytes, num_layers=mc.num_layers, num_kv_heads=self.model.num_kv_heads,
             head_size=mc.key_size, block_size=config.block_size,

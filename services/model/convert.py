@@ -20,11 +20,11 @@ def convert_release(source: Path | str, dest: Path, shard_bytes: int = 4 << 30, 
 
     if str(source) in PRESETS:
         config = PRESETS[str(source)]
-        tensors = dummy_weights(config, seed)
+        tensors, tokenizer = dummy_weights(config, seed), None
     else:
         config = Grok1Config.from_dir(source)
-        tensors = iter_release(Path(source), config)
-    source, dest = Path(source), Path(dest)
+        tensors, tokenizer = iter_release(Path(source), config), Path(source) / "tokenizer.model"
+    dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     if any(dest.glob("*.safetensors")):
         raise CheckpointError(f"{dest}: already holds safetensors files; choose an empty directory")
@@ -60,6 +60,6 @@ def convert_release(source: Path | str, dest: Path, shard_bytes: int = 4 << 30, 
     index = {"metadata": {"total_size": total}, "weight_map": {k: final[v] for k, v in weight_map.items()}}
     (dest / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=1, sort_keys=True))
     (dest / "config.json").write_text(json.dumps(config.to_reference_dict(), indent=1))
-    if (source / "tokenizer.model").exists():
-        shutil.copyfile(source / "tokenizer.model", dest / "tokenizer.model")
+    if tokenizer is not None and tokenizer.exists():
+        shutil.copyfile(tokenizer, dest / "tokenizer.model")
     return {"shards": len(shard_files), "bytes": total, "tensors": len(weight_map)}

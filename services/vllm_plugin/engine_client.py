@@ -43,13 +43,16 @@ def vllm_sampling_params(params: SamplingParams, eos_token_id: int):
     )
 
 
+def _no_samples() -> dict[str, list[float]]:
+    return {"ttft": [], "itl": [], "e2e": []}
+
+
 class _Seq:
     def __init__(self, stream: TextStream):
         self.stream = stream
         self.num_tokens = 0
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
-        self.reported = False
 
 
 class VllmEngineClient:
@@ -63,7 +66,7 @@ class VllmEngineClient:
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        self._max_model_len = min(config.max_model_len or grok.max_seq_len, grok.max_seq_len)
+        self._max_model_len = config.context_length(grok.max_seq_len)
         args = AsyncEngineArgs(
             model=str(path), config_format=FORMAT, load_format=FORMAT, skip_tokenizer_init=True,
             dtype=config.dtype, seed=config.seed, max_model_len=self._max_model_len,
@@ -80,7 +83,7 @@ class VllmEngineClient:
                                grok.num_experts, int(time.time()))
         self._counters: Counter[str] = Counter()
         self._finished: Counter[str] = Counter()
-        self._samples: dict[str, list[float]] = {"ttft": [], "itl": [], "e2e": []}
+        self._samples = _no_samples()
         self._running = 0
 
     @property
@@ -161,8 +164,7 @@ class VllmEngineClient:
             out.logprobs = [step[token].logprob for step, token in zip(steps, tokens)]
             out.top_logprobs = [sorted(((t, lp.logprob) for t, lp in step.items() if lp.rank <= params.logprobs),
                                        key=lambda item: -item[1]) for step in steps]
-        if finished and not seq.reported:
-            seq.reported = True
+        if finished:  # reported once: a finished sequence returns early above from then on
             out.finish_reason, out.stop_reason = seq.finish_reason, seq.stop_reason
             self._finished[seq.finish_reason] += 1
         elif not tokens and not out.text:
@@ -187,7 +189,7 @@ class VllmEngineClient:
             raise EngineDeadError(f"the vLLM engine stopped: {exc!r}") from exc
 
     async def metrics_snapshot(self) -> dict[str, Any]:
-        samples, self._samples = self._samples, {"ttft": [], "itl": [], "e2e": []}
+        samples, self._samples = self._samples, _no_samples()
         return {
             "replica": self.replica, "time": time.time(), "counters": dict(self._counters),
             "finished": dict(self._finished), "gauges": {"running": self._running}, "samples": samples,

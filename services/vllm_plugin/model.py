@@ -19,7 +19,7 @@ from services.vllm_plugin.config_parser import grok1_config
 # Legend: T tokens in the step, D emb_size, V vocabulary.
 
 
-def _supported_head_sizes(dtype: torch.dtype) -> list[int] | None:
+def _supported_head_sizes() -> list[int] | None:
     from vllm.platforms import current_platform
 
     if not current_platform.is_cpu():
@@ -46,7 +46,7 @@ class Grok1ForCausalLM(nn.Module):
         # dequantizes once at load, as the native engine does.
         self.model = Grok1(config, dtype, int8=current_platform.is_cuda_alike())
         self.config = vllm_config.model_config.hf_config
-        head_size = padded_head_size(config.key_size, _supported_head_sizes(dtype))
+        head_size = padded_head_size(config.key_size, _supported_head_sizes())
         model_prefix = f"{prefix}.model" if prefix else "model"
         for i, layer in enumerate(self.model.decoder_layer):
             block = layer.multi_head_attention
