@@ -10,6 +10,7 @@ from services.engine.config import EngineConfig
 from services.engine.engine import LLMEngine
 from services.engine.llm import LLM
 from services.engine.sampling_params import SamplingParams
+from tests.step_gate import StepGate
 
 
 @pytest.fixture(scope="module")
@@ -86,15 +87,17 @@ def test_async_engine_streams_and_cancels():
         params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
         chunks = [o async for o in engine.generate([1, 2, 3], params, "full")]
         assert chunks[-1].finished and sum(len(c.outputs[0].token_ids) for c in chunks if c.outputs) == 8
-        stream = engine.generate([1, 2, 3], SamplingParams(max_tokens=500, ignore_eos=True), "gone")
-        await stream.__anext__()
-        await stream.aclose()  # the client went away
-        for _ in range(100):
-            if not engine.engine.has_unfinished():
-                break
+        # Held to the steps handed out, the request is mid-decode when its client leaves on any machine.
+        with StepGate(engine.engine) as gate:
+            gate.allow(2)
+            stream = engine.generate([1, 2, 3], SamplingParams(max_tokens=500, ignore_eos=True), "gone")
+            await stream.__anext__()
+            await stream.aclose()  # the client went away
+        deadline = asyncio.get_running_loop().time() + 60
+        while engine.engine.has_unfinished() and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.01)
         blocks = engine.engine.block_manager
-        assert blocks.num_free_blocks == blocks.num_blocks
+        assert not engine.engine.has_unfinished() and blocks.num_free_blocks == blocks.num_blocks
         assert engine.engine.stats.aborts == 1
         with pytest.raises(ValueError):
             async for _ in engine.generate([], params, "empty"):

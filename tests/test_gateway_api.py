@@ -13,6 +13,7 @@ import pytest
 
 from services.gateway.openai_api import build_context, create_app
 from services.gateway.protocol import ChatCompletionRequest
+from tests.step_gate import StepGate
 from tests.test_gateway_support import LocalServer, metric, tiny_config, wait_until
 
 pytestmark = pytest.mark.timeout(120)
@@ -172,12 +173,19 @@ def test_tokenize_and_detokenize(server):
 def test_client_disconnect_aborts_and_frees_blocks(server):
     before = httpx.get(server.url + "/metrics").text
     body = {"prompt": "Tell me a long story", "max_tokens": 100, "ignore_eos": True, "stream": True}
-    with httpx.stream("POST", server.url + "/v1/completions", json=body) as response:
-        lines = response.iter_lines()
-        assert next(lines).startswith("data: ")
-    # Non-streaming too: the client gives up (timeout), the server notices the disconnect.
-    with pytest.raises(httpx.TimeoutException):
-        httpx.post(server.url + "/v1/completions", json={**body, "stream": False}, timeout=0.3)
+    streams = server.client.engine
+    # The engine runs only the steps this test hands out, so neither request can finish before its
+    # client leaves, however fast the machine.
+    with StepGate(server.engine) as gate:
+        gate.allow(1)  # the prefill, which streams the first token
+        with httpx.stream("POST", server.url + "/v1/completions", json=body) as response:
+            lines = response.iter_lines()
+            assert next(lines).startswith("data: ")
+        # Non-streaming too: the client gives up (timeout), the server notices the disconnect.
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(server.url + "/v1/completions", json={**body, "stream": False}, timeout=0.5)
+        # Both requests are abandoned (their streams closed) while the engine still holds them.
+        assert wait_until(lambda: streams.num_unfinished == 0, 60)
 
     def settled():
         text = httpx.get(server.url + "/metrics").text
@@ -185,11 +193,16 @@ def test_client_disconnect_aborts_and_frees_blocks(server):
                 >= 2 and metric(text, "grok_serve:kv_cache_usage_perc") == 0
                 and metric(text, "grok_serve:num_requests_running") == 0)
 
-    assert wait_until(settled, 30), httpx.get(server.url + "/metrics").text[:2000]
+    assert wait_until(settled, 60), httpx.get(server.url + "/metrics").text[:2000]
     after = httpx.get(server.url + "/metrics").text
     assert metric(after, "grok_serve:request_disconnects_total") - metric(
         before, "grok_serve:request_disconnects_total") == 2
-    assert metric(after, "grok_serve:request_success_total", finished_reason="abort") >= 2
+    assert metric(after, "grok_serve:request_success_total", finished_reason="abort") - metric(
+        before, "grok_serve:request_success_total", finished_reason="abort") == 2
+    # Cut off where their clients left: the stream's first token and the one step the gate was
+    # holding when it opened, none for the request that never ran.
+    assert metric(after, "grok_serve:generation_tokens_total") - metric(
+        before, "grok_serve:generation_tokens_total") <= 3
 
 
 def test_multiple_prompts_stream_all_choices(server):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import socket
 import threading
-import time
 
 import grpc
 import pytest
@@ -21,6 +20,8 @@ from services.gateway.grpc_server import GENERATION_SERVICE, RETRY_PUSHBACK_KEY,
 from services.gateway.proto import grok_serve_pb2 as pb
 from services.gateway.proto import grok_serve_pb2_grpc as pb_grpc
 from tests.conftest import golden_prompts
+from tests.step_gate import StepGate
+from tests.test_gateway_support import wait_until
 
 KEY = "test-key-0123"
 AUTH = (("authorization", f"Bearer {KEY}"),)
@@ -93,6 +94,7 @@ class RemoteLikeClient:
         self.inner = inner
         self.tokenizer, self.max_model_len = inner.tokenizer, inner.max_model_len
         self.streams: list = []
+        self.aborted: list[str] = []
 
     @property
     def is_healthy(self) -> bool:
@@ -112,6 +114,7 @@ class RemoteLikeClient:
         return Unclosable()
 
     async def abort(self, request_id):
+        self.aborted.append(request_id)
         await self.inner.abort(request_id)
 
 
@@ -241,33 +244,36 @@ def test_invalid_argument(served, request_, field):
 def test_a_call_that_ends_early_aborts_the_request(served, remote_like, how, via):
     target = served if via == "engine" else remote_like
     engine = served.client.engine.engine
-    aborts = engine.stats.aborts
-    # Long enough to be mid-decode when the call ends, on any machine.
+    aborts, forwarded = engine.stats.aborts, len(remote_like.client.aborted)
     request = pb.GenerateRequest(token_ids=pb.TokenIds(ids=[1, 50, 60]), sampling_params=greedy(2000))
     metadata = AUTH if target is served else ()
-    started = time.monotonic()
-    if how == "stream cancelled":
-        call = target.stub.GenerateStream(request, metadata=metadata, timeout=RPC_TIMEOUT)
-        next(call), next(call)
-        call.cancel()
-        assert call.code() == grpc.StatusCode.CANCELLED
-    else:
-        received = []
-        with pytest.raises(grpc.RpcError) as info:
-            if how == "unary deadline":
-                target.stub.Generate(request, metadata=metadata, timeout=0.5)
-            else:
-                received.extend(target.stub.GenerateStream(request, metadata=metadata, timeout=0.5))
-        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        assert how == "unary deadline" or received  # it was decoding when the deadline passed
-    bound = time.monotonic() + 5.0
-    while time.monotonic() < bound and not (
-            engine.num_requests == 0 and engine.stats.aborts > aborts
-            and engine.block_manager.num_free_blocks == engine.block_manager.num_blocks):
-        time.sleep(0.02)
-    assert engine.stats.aborts > aborts and engine.num_requests == 0
-    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
-    assert time.monotonic() - started < 5.5
+    # The engine runs only the steps handed out here, so the call is mid-decode when it ends on any
+    # machine: the deadline cannot be outrun and the cancelled stream cannot finish first.
+    with StepGate(engine) as gate:
+        if how == "stream cancelled":
+            gate.allow(2)
+            call = target.stub.GenerateStream(request, metadata=metadata, timeout=RPC_TIMEOUT)
+            next(call), next(call)
+            call.cancel()
+            assert call.code() == grpc.StatusCode.CANCELLED
+        else:
+            gate.allow(1)  # the first token, then the engine holds until the deadline has passed
+            received = []
+            with pytest.raises(grpc.RpcError) as info:
+                if how == "unary deadline":
+                    target.stub.Generate(request, metadata=metadata, timeout=0.5)
+                else:  # long enough for the one token that is allowed to arrive first
+                    received.extend(target.stub.GenerateStream(request, metadata=metadata, timeout=5.0))
+            assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert how == "unary deadline" or received  # it was decoding when the deadline passed
+        # The server gave the request up before the engine may run on.
+        if target is served:
+            assert wait_until(lambda: served.client.engine.num_unfinished == 0, 60)
+        else:
+            assert wait_until(lambda: len(remote_like.client.aborted) > forwarded, 60)
+    assert wait_until(lambda: engine.num_requests == 0 and engine.stats.aborts > aborts
+                      and engine.block_manager.num_free_blocks == engine.block_manager.num_blocks, 60)
+    assert engine.stats.aborts == aborts + 1
 
 
 # --- engine failures, with a client that needs no model ---------------------------------------------

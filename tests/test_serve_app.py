@@ -159,7 +159,9 @@ def test_metrics_after_a_known_workload(served, client):
 
 
 def test_overload_gets_429_and_accepted_requests_complete(served):
-    body = {"model": "grok-test", "prompt": [7, 8, 9], "max_tokens": 48, "temperature": 0, "ignore_eos": True}
+    # Each request runs to the end of the context (253 decode steps), so the accepted ones are still
+    # running when the last of the 64 arrives, however fast the engine is.
+    body = {"model": "grok-test", "prompt": [7, 8, 9], "max_tokens": 256 - 3, "temperature": 0, "ignore_eos": True}
 
     def send(_):
         return httpx.post(served + "/v1/completions", json=body, timeout=120)
@@ -173,12 +175,13 @@ def test_overload_gets_429_and_accepted_requests_complete(served):
     for r in rejected:
         assert int(r.headers["retry-after"]) >= 1 and r.json()["error"]["type"] == "rate_limit_error"
     for r in accepted:
-        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 48, r.text[:300]
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 256 - 3, r.text[:300]
 
 
 def test_client_disconnect_frees_blocks(served):
     before = httpx.get(served + "/metrics").text
-    body = {"model": "grok-test", "prompt": "A long story:", "max_tokens": 200, "ignore_eos": True, "stream": True}
+    # To the end of the context, so it is still decoding when the client leaves.
+    body = {"model": "grok-test", "prompt": [7, 8, 9], "max_tokens": 256 - 3, "ignore_eos": True, "stream": True}
     with httpx.stream("POST", served + "/v1/completions", json=body, timeout=60) as response:
         assert next(response.iter_lines()).startswith("data: ")
 
@@ -188,7 +191,7 @@ def test_client_disconnect_frees_blocks(served):
                 and metric(text, "grok_serve:kv_cache_usage_perc") == 0
                 and metric(text, "grok_serve:num_requests_running") == 0)
 
-    assert wait_until(settled, 30, 0.5)
+    assert wait_until(settled, 120, 0.5)
     after = httpx.get(served + "/metrics").text
     assert metric(after, "grok_serve:request_disconnects_total") > metric(before, "grok_serve:request_disconnects_total")
 
@@ -198,7 +201,7 @@ def test_killing_the_engine_replica_is_survived(served, client):
     streaming = threading.Event()
 
     def stream():
-        body = {"model": "grok-test", "prompt": "x", "max_tokens": 240, "ignore_eos": True, "stream": True}
+        body = {"model": "grok-test", "prompt": [7], "max_tokens": 256 - 1, "ignore_eos": True, "stream": True}
         with httpx.stream("POST", served + "/v1/completions", json=body, timeout=120) as response:
             for line in response.iter_lines():
                 if line.startswith("data: "):
@@ -219,7 +222,7 @@ def test_killing_the_engine_replica_is_survived(served, client):
         seen.append((round(time.monotonic() - killed, 2), response.status_code))
         return response.status_code == 503 and response.json()["error"]["code"] == "engine_unavailable"
 
-    assert wait_until(health_fails, 30, 0.2), seen
+    assert wait_until(health_fails, 60, 0.2), seen
     assert wait_until(lambda: httpx.get(served + "/health", timeout=30).status_code == 200, 120, 1.0), \
         "Serve did not restore the engine replica in time"
     out = client.completions.create(model="grok-test", prompt="back", max_tokens=3, temperature=0,
