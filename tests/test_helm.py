@@ -37,6 +37,9 @@ ALERTS = ("GrokServeTTFTP99High", "GrokServeQueueGrowing", "GrokServeKVCacheNear
           "GrokServeUnhealthyReplicas", "GrokServeExpertLoadImbalance", "GrokServeHighErrorRate")
 METRIC_REF = re.compile(r"grok_serve:[A-Za-z0-9_:]+")
 CORE_KINDS = {"Service", "Secret", "ConfigMap", "PodDisruptionBudget", "NetworkPolicy"}
+# The chart refuses to render without API keys; renders that do not choose their own get this one.
+KEYS = ("--set", "auth.apiKeys={test-key-0123456789}")
+DRAIN_SCRIPT = CHART / "files" / "drain_node.py"
 
 
 # --- helm ------------------------------------------------------------------------------------------
@@ -58,13 +61,20 @@ def profile_args(profile: str) -> list[str]:
     return ["-f", str(CHART / preset)] if preset else []
 
 
+def with_keys(args) -> list[str]:
+    """The arguments, with the test's API key in front unless they choose the keys themselves."""
+    args = list(args)
+    return args if any(a.startswith(("auth.apiKeys", "auth.existingSecret", "auth.enabled")) for a in args) \
+        else [*KEYS, *args]
+
+
 _RENDERED: dict[tuple[str, ...], list[dict]] = {}
 
 
 def render(helm: Path, *args: str) -> list[dict]:
     """`helm template` of the chart with these extra arguments, as parsed documents (cached)."""
     if args not in _RENDERED:
-        done = run_helm(helm, "template", RELEASE, str(CHART), "--namespace", NAMESPACE, *args)
+        done = run_helm(helm, "template", RELEASE, str(CHART), "--namespace", NAMESPACE, *with_keys(args))
         assert done.returncode == 0, f"helm template {' '.join(args)} failed:\n{done.stderr}"
         _RENDERED[args] = [d for d in yaml.safe_load_all(done.stdout) if d]
     return _RENDERED[args]
@@ -126,6 +136,25 @@ def cluster(docs: list[dict]) -> dict:
     return rayservice(docs)["spec"]["rayClusterConfig"]
 
 
+def gpu_group(docs: list[dict]) -> dict:
+    return cluster(docs)["workerGroupSpecs"][0]
+
+
+def gateway_group(docs: list[dict]) -> dict | None:
+    """The gateway pods' worker group, or None when the gateway runs on the head."""
+    groups = cluster(docs)["workerGroupSpecs"][1:]
+    assert len(groups) <= 1
+    return groups[0] if groups else None
+
+
+def ray_templates(docs: list[dict]) -> list[tuple[str, dict]]:
+    """(role, pod template) of every Ray group: head, gpu, and gateway when it has pods."""
+    found = [("head", cluster(docs)["headGroupSpec"]["template"]), ("gpu", gpu_group(docs)["template"])]
+    if gateway_group(docs) is not None:
+        found.append(("gateway", gateway_group(docs)["template"]))
+    return found
+
+
 def ray_container(template: dict) -> dict:
     return template["spec"]["containers"][0]  # KubeRay runs Ray in the first container
 
@@ -143,7 +172,7 @@ def docs(helm, profile) -> list[dict]:
 # --- lint and render -------------------------------------------------------------------------------
 
 def test_lint(helm, profile):
-    done = run_helm(helm, "lint", "--strict", str(CHART), "--namespace", NAMESPACE, *profile_args(profile))
+    done = run_helm(helm, "lint", "--strict", str(CHART), "--namespace", NAMESPACE, *with_keys(profile_args(profile)))
     assert done.returncode == 0, done.stdout + done.stderr
 
 
@@ -151,11 +180,11 @@ def test_renders_the_expected_objects(docs, profile):
     kinds = sorted(d["kind"] for d in docs)
     assert kinds.count("RayService") == 1
     assert kinds.count("Service") == 2  # gRPC and metrics; HTTP is the RayService's serve Service
-    assert "Secret" in kinds
+    assert "Secret" in kinds and "NetworkPolicy" in kinds
     if profile != "cpu":
         for kind in ("ServiceMonitor", "PodMonitor", "PrometheusRule", "ConfigMap"):
             assert kind in kinds
-        assert kinds.count("PodDisruptionBudget") == 2
+        assert kinds.count("PodDisruptionBudget") == 3  # head, GPU pods, gateway pods
     for d in docs:
         assert d["metadata"]["labels"]["app.kubernetes.io/instance"] == RELEASE
 
@@ -308,7 +337,7 @@ def _ray_resources(param: str) -> dict:
 def test_pods_fit_the_engine_and_gateway(docs, profile):
     config = effective_config(docs)
     rc = cluster(docs)
-    (workers,) = rc["workerGroupSpecs"]
+    workers = gpu_group(docs)
     container = ray_container(workers["template"])
     limits, requests = container["resources"]["limits"], container["resources"]["requests"]
     d = config.engine_deployment
@@ -323,32 +352,44 @@ def test_pods_fit_the_engine_and_gateway(docs, profile):
     else:
         a = config.engine_deployment.autoscaling
         assert workers["minReplicas"] == a.min_replicas and workers["maxReplicas"] >= a.max_replicas
-    # The gateway is pinned to the head (for gRPC) by a resource only the head advertises.
+    # Gateway replicas land only where a resource of the chart's puts them: on gateway pods (one each)
+    # or, with the gateway on the head, on the head (for gRPC's port).
     gateway = overrides(docs)["GrokGateway"]
+    gateway_pods = gateway_group(docs)
     head_params = rc["headGroupSpec"]["rayStartParams"]
-    if config.grpc_port is not None:
-        wanted = gateway["ray_actor_options"]["resources"]
+    wanted = gateway["ray_actor_options"].get("resources", {})
+    assert gateway["ray_actor_options"]["num_cpus"] == config.gateway_deployment.num_cpus
+    assert "resources" not in workers.get("rayStartParams", {})
+    if gateway_pods is not None:
+        offered = _ray_resources(gateway_pods["rayStartParams"]["resources"])
+        assert wanted and all(offered.get(k, 0) == v for k, v in wanted.items()), "one gateway per pod"
+        assert gateway_pods["replicas"] == config.gateway_deployment.num_replicas == gateway_pods["minReplicas"]
+        assert float(gateway_pods["rayStartParams"]["num-cpus"]) >= config.gateway_deployment.num_cpus
+        # The head keeps only Ray's control plane: no CPU for Ray to place anything on.
+        assert head_params["num-cpus"] == "0" and "resources" not in head_params
+    elif config.grpc_port is not None:
         offered = _ray_resources(head_params["resources"])
         assert wanted and all(offered.get(k, 0) >= v * config.gateway_deployment.num_replicas
                               for k, v in wanted.items())
-        assert gateway["ray_actor_options"]["num_cpus"] == config.gateway_deployment.num_cpus
-        assert "resources" not in workers.get("rayStartParams", {})
-    for group, template in (("head", rc["headGroupSpec"]["template"]), ("worker", workers["template"])):
+    secret_names = {d["metadata"]["name"] for d in docs if d["kind"] == "Secret"}
+    for group, template in ray_templates(docs):
         mounts = {m["mountPath"]: m for m in ray_container(template)["volumeMounts"]}
         volumes = {v["name"]: v for v in template["spec"]["volumes"]}
         shm = volumes[mounts["/dev/shm"]["name"]]
         assert shm["emptyDir"]["medium"] == "Memory", group
+        runs_gateway = group == "gateway" or (group == "head" and gateway_pods is None)
         model = Path(config.engine.model)
-        if model.is_absolute():
-            # The gateway reads the tokenizer from the same path, so the head mounts the model too.
+        if model.is_absolute() and (runs_gateway or group == "gpu"):
+            # The gateway reads the tokenizer from the engine's model path.
             assert any(model.is_relative_to(p) for p in mounts), f"{group}: {model} is not mounted"
-        if config.auth.api_key_file:
+        key_mounts = [m for m in mounts.values() if "secret" in volumes[m["name"]]]
+        if config.auth.api_key_file and runs_gateway:
             key_file = Path(config.auth.api_key_file)
-            mount = mounts[str(key_file.parent)]
-            secret = volumes[mount["name"]]["secret"]
+            secret = volumes[mounts[str(key_file.parent)]["name"]]["secret"]
             assert [i["path"] for i in secret["items"]] == [key_file.name], group
-            secret_names = {d["metadata"]["name"] for d in docs if d["kind"] == "Secret"}
             assert secret["secretName"] in secret_names, group
+        else:
+            assert not key_mounts, f"{group} pods run no gateway, yet the API keys are mounted there"
 
 
 def _cpus(quantity) -> float:
@@ -363,6 +404,9 @@ def test_presets_serve_what_the_deploy_configs_serve(helm, preset):
     chart = config_to_dict(effective_config(render(helm, *profile_args(preset))))
     deploy = config_to_dict(load_config(REPO / "deploy" / f"{preset}.yaml"))
     assert chart["engine"] == deploy["engine"]
+    for config in (chart, deploy):  # the ranks may be left to the engine's parallel_size
+        if config["engine_deployment"].get("parallel_size") is None:
+            config["engine_deployment"]["parallel_size"] = config["engine"]["parallel_size"]
     # How many instances is the cluster's business (autoscaling there, one node here); each the same.
     for key in ("num_replicas", "autoscaling"):
         del chart["engine_deployment"][key], deploy["engine_deployment"][key]
@@ -380,7 +424,9 @@ def test_autoscaling_turns_on_the_kuberay_autoscaler(helm, crd_validator):
                   '"stepSizePercent":25,"intervalSeconds":60}')
     rc = cluster(docs)
     assert rc["enableInTreeAutoscaling"] is True and rc["autoscalerOptions"]["idleTimeoutSeconds"] > 0
-    (workers,) = rc["workerGroupSpecs"]
+    # v2 drains a node (Serve moves its replicas first) before it removes an idle pod.
+    assert rc["autoscalerOptions"]["version"] == "v2"
+    workers = gpu_group(docs)
     assert (workers["minReplicas"], workers["replicas"], workers["maxReplicas"]) == (1, 1, 3)
     autoscaling = effective_config(docs).engine_deployment.autoscaling
     assert (autoscaling.min_replicas, autoscaling.max_replicas) == (1, 3)
@@ -392,25 +438,36 @@ def test_object_store_weights_and_existing_secret(helm, crd_validator, kubernete
     docs = render(helm, "--set", "model.source=objectStore", "--set", "model.objectStore.uri=s3://weights/grok-1/",
                   "--set", "model.objectStore.credentialsSecret=s3-creds", "--set", "auth.existingSecret=keys")
     assert not [d for d in docs if d["kind"] == "Secret"], "an existing Secret is used, not created"
-    rc = cluster(docs)
-    head_init = rc["headGroupSpec"]["template"]["spec"]["initContainers"][0]
-    (workers,) = rc["workerGroupSpecs"]
+    workers, gateways = gpu_group(docs), gateway_group(docs)
+    assert "initContainers" not in cluster(docs)["headGroupSpec"]["template"]["spec"], "the head loads nothing"
+    gateway_init = gateways["template"]["spec"]["initContainers"][0]
     worker_init = workers["template"]["spec"]["initContainers"][0]
-    assert worker_init["args"][:2] == head_init["args"][:2] == ["s3://weights/grok-1/", "/models/grok-1"]
-    assert "--exclude" in head_init["args"] and "--exclude" not in worker_init["args"]  # head: tokenizer only
+    assert worker_init["args"][:2] == gateway_init["args"][:2] == ["s3://weights/grok-1/", "/models/grok-1"]
+    assert "--exclude" in gateway_init["args"] and "--exclude" not in worker_init["args"]  # tokenizer only
     assert app_args(docs)["engine"]["model"] == "/models/grok-1"
     volumes = {v["name"]: v for v in workers["template"]["spec"]["volumes"]}
-    assert "emptyDir" in volumes["model"] and volumes["api-keys"]["secret"]["secretName"] == "keys"
+    assert "emptyDir" in volumes["model"] and "api-keys" not in volumes
+    gateway_volumes = {v["name"]: v for v in gateways["template"]["spec"]["volumes"]}
+    assert gateway_volumes["api-keys"]["secret"]["secretName"] == "keys"
     assert not list(crd_validator.iter_errors(rayservice(docs)))
-    _k8s_check(kubernetes_validate, {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "w"},
-                                     "template": workers["template"]}, "worker pod template")
+    for group, template in ray_templates(docs):
+        _k8s_check(kubernetes_validate, {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "w"},
+                                         "template": template}, f"{group} pod template")
 
 
-def test_grpc_off_and_network_policy_on(helm, kubernetes_validate):
-    docs = render(helm, "--set", "grpc.enabled=false", "--set", "networkPolicy.enabled=true")
+def test_grpc_off(helm, kubernetes_validate):
+    docs = render(helm, "--set", "grpc.enabled=false")
     assert app_args(docs)["grpc_port"] is None
     assert not [d for d in docs if d["kind"] == "Service" and d["metadata"]["name"].endswith("-grpc")]
     assert "resources" not in cluster(docs)["headGroupSpec"]["rayStartParams"]
+    # Gateway pods are still pinned (one per pod), and their readiness reads /health instead.
+    assert overrides(docs)["GrokGateway"]["ray_actor_options"]["resources"]
+    probe = ray_container(gateway_group(docs)["template"])["readinessProbe"]
+    assert probe["httpGet"] == {"path": "/health", "port": "serve"}
+    assert probe["timeoutSeconds"] > effective_config(docs).engine_call_timeout_s, "/health waits for the engine"
+    head_on = render(helm, "--set", "grpc.enabled=false", "--set", "gateway.placement=head")
+    assert "resources" not in cluster(head_on)["headGroupSpec"]["rayStartParams"]
+    assert "resources" not in overrides(head_on)["GrokGateway"]["ray_actor_options"]
     _k8s_check(kubernetes_validate, one(docs, "NetworkPolicy"), "NetworkPolicy")
 
 
@@ -478,6 +535,245 @@ def test_api_key_change_restarts_only_the_gateway(helm):
     assert overrides(first)["GrokEngine"] == overrides(second)["GrokEngine"]
 
 
+# --- day-2 operations: drains, probes, upgrades, head loss, security ----------------------------------
+
+def _pdbs(docs: list[dict]) -> dict[str, dict]:
+    return {d["metadata"]["name"].rsplit("-", 1)[1]: d for d in docs if d["kind"] == "PodDisruptionBudget"}
+
+
+def _evictions_allowed(pdb: dict, healthy_pods: int) -> int:
+    """What Kubernetes' disruption controller allows for pods whose owner has no scale subresource
+    (a RayCluster, KubeRay #2662): only an integer minAvailable can be computed (the pods it matches
+    are the expected count); maxUnavailable or a percentage fails the sync and allows nothing."""
+    spec = pdb["spec"]
+    if "maxUnavailable" in spec or not isinstance(spec.get("minAvailable"), int):
+        return 0
+    return max(0, healthy_pods - spec["minAvailable"])
+
+
+@pytest.mark.parametrize("args,gpu_pods", [
+    ((), 1),
+    (("--set", "engine.replicas=3"), 3),
+    (("-f", str(CHART / "values-h100x8.yaml"), "--set", "engine.autoscaling.minReplicas=2",
+      "--set", "engine.autoscaling.maxReplicas=4"), 2),
+], ids=["one-replica", "three-replicas", "autoscaling-floor-2"])
+def test_disruption_budgets_let_drains_evict_one_pod_at_a_time(helm, args, gpu_pods):
+    docs = render(helm, *args)
+    pdbs = _pdbs(docs)
+    assert set(pdbs) == {"head", "worker", "gateway"}
+    gateways = effective_config(docs).gateway_deployment.num_replicas
+    assert _evictions_allowed(pdbs["worker"], gpu_pods) == 1
+    assert _evictions_allowed(pdbs["gateway"], gateways) == 1
+    # Without GCS fault tolerance the head's loss restarts every GPU pod: it is moved on purpose.
+    assert _evictions_allowed(pdbs["head"], 1) == 0
+    selectors = {name: pdb["spec"]["selector"]["matchLabels"] for name, pdb in pdbs.items()}
+    for name, template in (("head", cluster(docs)["headGroupSpec"]["template"]),
+                           ("worker", gpu_group(docs)["template"]), ("gateway", gateway_group(docs)["template"])):
+        labels = template["metadata"]["labels"]
+        matching = [n for n, s in selectors.items() if s.items() <= labels.items()]
+        assert matching == [name], f"{name} pods are covered by {matching}"
+
+
+def test_head_may_be_evicted_with_gcs_fault_tolerance(helm, crd_validator):
+    docs = render(helm, "--set", "gcsFaultTolerance.enabled=true", "--set",
+                  "gcsFaultTolerance.redisAddress=redis.llm.svc:6379", "--set",
+                  "gcsFaultTolerance.redisPasswordSecret.name=redis-auth")
+    ft = cluster(docs)["gcsFaultToleranceOptions"]
+    assert ft["redisAddress"] == "redis.llm.svc:6379"
+    assert ft["redisPassword"]["valueFrom"]["secretKeyRef"] == {"name": "redis-auth", "key": "password"}
+    assert _evictions_allowed(_pdbs(docs)["head"], 1) == 1
+    assert not list(crd_validator.iter_errors(rayservice(docs)))
+    assert "gcsFaultToleranceOptions" not in cluster(render(helm)), "off by default: it needs a Redis"
+
+
+def test_probes_read_the_application_only_where_kuberay_allows(docs, profile):
+    config = effective_config(docs)
+    gateways = gateway_group(docs)
+    for role, template in ray_templates(docs):
+        container = ray_container(template)
+        # KubeRay deploys the application only to a Ready head, and Serve replaces a failing engine
+        # replica by itself: head and GPU pods keep KubeRay's own probes, no liveness reads the app.
+        assert "livenessProbe" not in container, role
+        if role in ("head", "gpu"):
+            assert "readinessProbe" not in container, role
+    if gateways is None:
+        assert profile == "cpu"
+        return
+    probe = ray_container(gateways["template"])["readinessProbe"]
+    if config.grpc_port is not None:
+        # grpc.health.v1 on the gateway's own port: SERVING only once this pod's gateway listens and
+        # while the engine is healthy, the gRPC twin of /health.
+        assert probe["grpc"]["port"] == config.grpc_port
+        assert "service" not in probe["grpc"], "the server-wide status, which follows the engine"
+    else:
+        assert probe["httpGet"]["path"] == "/health"
+    assert probe["periodSeconds"] * probe["failureThreshold"] <= 30
+
+
+def test_grpc_service_admits_only_ready_gateways(helm):
+    docs = render(helm)
+    service = next(d for d in docs if d["kind"] == "Service" and d["metadata"]["name"].endswith("-grpc"))
+    spec = service["spec"]
+    assert not spec.get("publishNotReadyAddresses"), "unready gateways must not be endpoints"
+    selector = spec["selector"]
+    # Exactly the gateway pods, of every cluster of an upgrade (their readiness decides).
+    for role, template in ray_templates(docs):
+        labels = template["metadata"]["labels"]
+        assert (selector.items() <= labels.items()) == (role == "gateway"), role
+    container = ray_container(gateway_group(docs)["template"])
+    port = next(p for p in container["ports"] if p["name"] == spec["ports"][0]["targetPort"])
+    assert container["readinessProbe"]["grpc"]["port"] == port["containerPort"]
+    # With the gateway on the head the Service can only follow KubeRay's proxy label (documented).
+    head = next(d for d in render(helm, "--set", "gateway.placement=head")
+                if d["kind"] == "Service" and d["metadata"]["name"].endswith("-grpc"))
+    assert head["spec"]["selector"]["ray.io/serve"] == "true"
+
+
+def test_prestop_hooks_drain_within_the_grace_period(docs, profile):
+    config = effective_config(docs)
+    drain_maps = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("-drain")]
+    assert len(drain_maps) == 1
+    assert drain_maps[0]["data"]["drain_node.py"].strip() == DRAIN_SCRIPT.read_text().strip()
+    deadlines = {}
+    for role, template in ray_templates(docs):
+        container = ray_container(template)
+        command = container["lifecycle"]["preStop"]["exec"]["command"]
+        script = Path(command[1])
+        mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+        volumes = {v["name"]: v for v in template["spec"]["volumes"]}
+        volume = volumes[mounts[str(script.parent)]]
+        assert volume["configMap"]["name"] == drain_maps[0]["metadata"]["name"], role
+        args = command[2:]
+        assert args[:2] == ["--role", "head" if role == "head" else "worker"], role
+        deadline = int(args[args.index("--deadline-s") + 1])
+        grace = template["spec"]["terminationGracePeriodSeconds"]
+        assert 0 < deadline < grace, role
+        graceful = {"gpu": config.engine_deployment.graceful_shutdown_timeout_s,
+                    "gateway": config.gateway_deployment.graceful_shutdown_timeout_s,
+                    "head": config.gateway_deployment.graceful_shutdown_timeout_s}[role]
+        # Serve stops a draining replica at deadline - graceful at the latest: streams must fit.
+        assert deadline >= graceful + 5, role
+        deadlines[role] = deadline
+    # GCS on the head outlives the workers' drains when the whole cluster goes.
+    assert deadlines["head"] >= max(deadlines.values())
+
+
+def test_drain_script_needs_only_the_standard_library():
+    """It runs in the image's Python without importing Ray (whose import alone takes seconds)."""
+    import ast
+
+    tree = ast.parse(DRAIN_SCRIPT.read_text())
+    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                for alias in node.names}
+    imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert imported <= {"__future__", "argparse", "json", "os", "socket", "subprocess", "sys", "time", "urllib"}
+
+
+def test_network_policy_keeps_the_dashboard_closed_by_default(docs, profile, kubernetes_validate):
+    policy = one(docs, "NetworkPolicy")
+    _k8s_check(kubernetes_validate, policy, "NetworkPolicy")
+    release = {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "grok-serve",
+                                               "app.kubernetes.io/instance": RELEASE}}}
+    grpc_port = effective_config(docs).grpc_port
+    for rule in policy["spec"]["ingress"]:
+        ports = {p["port"] for p in rule.get("ports", [])}
+        peers = rule.get("from")
+        if not ports:
+            assert peers == [release], "all ports only between the release's own pods"
+        elif peers is None:
+            assert ports <= {8000, grpc_port}, f"open to any source: {ports}"
+        elif ports & {8265, 6379, 10001, 52365}:
+            assert peers == [{"namespaceSelector": {"matchLabels": {
+                "kubernetes.io/metadata.name": "kuberay-system"}}}], "the dashboard: the operator only"
+
+
+def test_secret_is_stable_across_renders_and_never_read_from_the_cluster(helm):
+    for template in (CHART / "templates").glob("*"):
+        code = re.sub(r"\{\{-?\s*/\*.*?\*/\s*-?\}\}", "", template.read_text(), flags=re.DOTALL)
+        assert not re.search(r"\blookup\b", code), f"{template.name} reads the cluster"
+    assert render(helm, "--set", "auth.apiKeys={one-key-0123456789}") == \
+        render(helm, "--set", "auth.apiKeys={one-key-0123456789}", "--set", "nameOverride=")
+    existing = render(helm, "--set", "auth.existingSecret=team-keys")
+    assert not [d for d in existing if d["kind"] == "Secret"]
+    env = overrides(existing)["GrokGateway"]["ray_actor_options"]["runtime_env"]["env_vars"]
+    bumped = render(helm, "--set", "auth.existingSecret=team-keys", "--set", "auth.revision=2")
+    # After editing a Secret of one's own, auth.revision restarts the gateway (and nothing else).
+    assert overrides(bumped)["GrokGateway"]["ray_actor_options"]["runtime_env"]["env_vars"] != env
+    assert cluster(bumped) == cluster(existing)
+
+
+def test_image_is_fully_qualified_and_can_be_pinned_by_digest(helm):
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    host = values["image"]["repository"].split("/")[0]
+    assert "." in host or ":" in host, "the default names its registry"
+    digest = "sha256:" + "ab" * 32
+    docs = render(helm, "--set", f"image.digest={digest}", "--set", "engine.autoscaling.enabled=true")
+    images = [c["image"] for _, t in ray_templates(docs) for c in t["spec"]["containers"]]
+    assert images and all(i == f"{values['image']['repository']}@{digest}" for i in images)
+    assert "image" not in cluster(docs)["autoscalerOptions"], "the autoscaler runs the head's image"
+
+
+def test_head_keeps_to_the_control_plane(helm):
+    docs = render(helm)
+    spec = rayservice(docs)["spec"]
+    assert cluster(docs)["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+    # HTTP enters through the worker pods' proxies, which keep serving while a head restarts.
+    assert spec["excludeHeadPodFromServeSvc"] is True
+    metrics = next(d for d in docs if d["kind"] == "Service" and d["metadata"]["name"].endswith("-metrics"))
+    assert metrics["spec"]["selector"]["app.kubernetes.io/component"] == "ray-head"
+    head_on = render(helm, "--set", "gateway.placement=head")
+    assert "excludeHeadPodFromServeSvc" not in rayservice(head_on)["spec"]
+    assert "num-cpus" not in cluster(head_on)["headGroupSpec"]["rayStartParams"]
+    assert gateway_group(head_on) is None
+
+
+def test_scrape_outlasts_the_metrics_wait(docs, profile):
+    monitors = [d for d in docs if d["kind"] == "ServiceMonitor"]
+    if profile == "cpu":
+        assert not monitors
+        return
+    (endpoint,) = one(docs, "ServiceMonitor")["spec"]["endpoints"]
+
+    def seconds(text: str) -> float:
+        units = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
+        return sum(int(n) * units[u] for n, u in re.findall(r"([0-9]+)(ms|s|m|h)", text))
+
+    wait = effective_config(docs).engine_call_timeout_s
+    assert seconds(endpoint["scrapeTimeout"]) >= wait + 5 and seconds(endpoint["scrapeTimeout"]) <= seconds(
+        endpoint["interval"])
+
+
+_AGGREGATION = re.compile(r"(sum|max|min|avg|count|topk|bottomk|quantile)\s*(\s(by|without)\s*\([^()]*\)\s*)?$")
+
+
+def _aggregated(expr: str, start: int) -> bool:
+    """Whether the metric at `start` sits inside an aggregation (sum by (...) (...), max(...), ...)."""
+    depth = 0
+    for i in range(start - 1, -1, -1):
+        if expr[i] == ")":
+            depth += 1
+        elif expr[i] == "(":
+            if depth == 0:
+                if _AGGREGATION.search(expr[:i].rstrip() + " ") or _AGGREGATION.search(expr[:i]):
+                    return True
+            else:
+                depth -= 1
+    return False
+
+
+def test_alerts_and_panels_aggregate_the_engine_replicas(monitoring):
+    """Engine series come one per engine replica (a `replica` label): every query adds them up or
+    names the replica, never reads whichever series comes first."""
+    rule, dashboard = monitoring
+    queries = [(f"alert {n}", a["expr"]) for n, a in _alerts(rule).items()]
+    queries += [(f"panel {p['title']!r}", t["expr"]) for p in _panels(dashboard) for t in p.get("targets", [])]
+    for where, expr in queries:
+        for match in METRIC_REF.finditer(expr):
+            assert _aggregated(expr, match.start()), f"{where}: {match.group(0)} is not aggregated: {expr}"
+    kv = _alerts(rule)["GrokServeKVCacheNearlyFull"]
+    assert re.search(r"max by \([^)]*\breplica\b", kv["expr"]) and "replica" in kv["annotations"]["description"]
+
+
 # --- schema: bad values are refused -----------------------------------------------------------------
 
 BAD_VALUES = [
@@ -497,13 +793,35 @@ BAD_VALUES = [
     ("pod-ceiling-below-replicas", {"engine": {"replicas": 3}, "worker": {"maxReplicas": 2}}, "maxReplicas"),
     ("target-above-max-ongoing", {"engine": {"maxOngoingRequests": 16, "autoscaling": {
         "enabled": True, "targetOngoingRequests": 32}}}, "targetOngoingRequests"),
+    ("no-api-keys", {"auth": {"apiKeys": []}}, "existingSecret"),
+    ("two-key-sources", {"auth": {"existingSecret": "keys", "apiKeys": ["key-0123456789"]}}, "both set"),
+    ("short-image-name", {"image": {"repository": "grok-serve"}}, "short name"),
+    ("docker-hub-short-name", {"image": {"repository": "ml/grok-serve"}}, "short name"),
+    ("digest-not-sha256", {"image": {"digest": "latest"}}, "digest"),
+    ("gcs-ft-without-redis", {"gcsFaultTolerance": {"enabled": True}}, "redisAddress"),
+    ("scrape-timeout-within-metrics-wait", {"monitoring": {"serviceMonitor": {"scrapeTimeout": "10s"}}},
+     "scrapeTimeout"),
+    ("scrape-timeout-over-interval", {"monitoring": {"serviceMonitor": {"interval": "15s", "scrapeTimeout": "20s"}}},
+     "interval"),
+    ("grace-shorter-than-graceful-shutdown", {"worker": {"terminationGracePeriodSeconds": 120}},
+     "terminationGracePeriodSeconds"),
+    ("pdb-max-unavailable", {"podDisruptionBudget": {"worker": {"maxUnavailable": 1}}}, "maxUnavailable"),
+    ("probe-needs-open-health", {"grpc": {"enabled": False}, "auth": {"openHealth": False}}, "openHealth"),
+    ("unknown-placement", {"gateway": {"placement": "gpu"}}, "placement"),
 ]
+
+
+def _merged(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 @pytest.mark.parametrize("name,values,fragment", BAD_VALUES, ids=[b[0] for b in BAD_VALUES])
 def test_bad_values_are_refused(helm, tmp_path, name, values, fragment):
     path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(values))
+    path.write_text(yaml.safe_dump(_merged({"auth": {"apiKeys": ["test-key-0123456789"]}}, values)))
     done = run_helm(helm, "template", RELEASE, str(CHART), "-f", str(path))
     assert done.returncode != 0, f"{name}: rendered, but should have been refused"
     assert fragment in done.stderr, done.stderr
@@ -741,6 +1059,8 @@ def test_operations_guide_helm_commands_render(helm):
                     # A chart preset must exist; the operator's own files (my-values.yaml) cannot.
                     assert "helm/" not in value, f"`{command}` names a preset that does not exist: {value}"
                     args[k - 1:k + 1] = ["--set", "nameOverride=grok-serve"]
+            if "--reuse-values" in seg:  # an upgrade of an installed release, which has its keys
+                args = with_keys(args)
             done = run_helm(helm, "template", RELEASE, str(CHART), *args)
             assert done.returncode == 0, f"`{command}` does not render:\n{done.stderr}"
             checked += 1
