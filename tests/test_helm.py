@@ -989,6 +989,14 @@ def test_operations_guide_grok_serve_commands_parse():
         assert exited.value.code == 0
 
 
+def test_operations_guide_links_resolve():
+    markdown = OPERATIONS.read_text()
+    anchors = {re.sub(r"[^a-z0-9 -]", "", h.strip().lower()).replace(" ", "-")
+               for h in re.findall(r"^#{1,4} +(.+)$", markdown, re.MULTILINE)}
+    links = set(re.findall(r"\]\(#([a-z0-9-]+)\)", markdown))
+    assert links and not links - anchors, f"links to no section: {sorted(links - anchors)}"
+
+
 def _set_assignments(markdown: str) -> list[str]:
     """Every `--set`-style assignment in the guide, in code blocks and in the prose."""
     assignments = []
