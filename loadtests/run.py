@@ -29,6 +29,8 @@ from typing import Any
 import httpx
 import yaml
 
+from loadtests import chart, server_side
+
 REPO = Path(__file__).resolve().parents[1]
 LOCUSTFILE = REPO / "loadtests" / "locustfile.py"
 PEER_DIR = REPO / "loadtests" / "peers" / "vllm"
@@ -310,13 +312,38 @@ def table_row(row: dict[str, Any]) -> list[str]:
 def markdown(rows: list[dict[str, Any]]) -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(table_row(r)) + " |" for r in rows]
+    split_rows = [r for r in rows if any(v is not None for v in (r.get("server_side") or {}).values())]
+    if split_rows:
+        lines += ["", ("Where a token's time goes (the server's own counters over the run, see "
+                       "loadtests/server_side.py):"), "", "| " + " | ".join(SPLIT_COLUMNS) + " |",
+                  "|" + "---|" * len(SPLIT_COLUMNS)]
+        lines += ["| " + " | ".join(split_row(r)) + " |" for r in split_rows]
     return "\n".join(lines) + "\n"
+
+
+SPLIT_COLUMNS = ("target", "users", "client ITL mean ms", "engine ITL mean ms", "engine to client ms",
+                 "step ms", "forward ms", "tokens/step", "engine busy")
+
+
+def split_row(row: dict[str, Any]) -> list[str]:
+    m, itl = row["server_side"], (row["summary"].get("itl") or {})
+
+    def f(value: float | None, fmt: str = "{:.1f}") -> str:
+        return "-" if value is None else fmt.format(value)
+
+    client = itl.get("mean") if itl.get("count") else None
+    gap = None if client is None or m.get("engine_itl_ms") is None else client - m["engine_itl_ms"]
+    return [row["target"], str(row["users"]), f(client), f(m.get("engine_itl_ms")), f(gap), f(m.get("step_ms")),
+            f(m.get("forward_ms")), f(m.get("tokens_per_step")), f(m.get("engine_busy"), "{:.0%}")]
 
 
 def write_reports(rows: list[dict[str, Any]], out_dir: Path, meta: dict[str, Any]) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "summary.json").write_text(json.dumps({**meta, "runs": rows}, indent=2) + "\n")
     text = markdown(rows)
+    picture = chart.write(rows, out_dir / "summary.png", title=meta.get("scenario", ""))
+    if picture:
+        text += f"\n![scaling]({picture.name})\n"
     notes = [f"- {r['target']}: {r['server']['command']} (healthy after {r['server']['startup_s']} s)"
              for r in rows if r.get("server", {}).get("command")]
     (out_dir / "summary.md").write_text(
@@ -358,8 +385,13 @@ def run_target(target: str, scenario: dict[str, Any], out_dir: Path, users_list:
             run = {**client, "users": users, "spawn_rate": client.get("spawn_rate") or users}
             tag = f"{label}-{scenario['name']}-u{users}"
             print(f"==> {tag}: {users} users for {run['run_time']} against {server.url}", flush=True)
+            before = server_side.scrape(server.url, api_key)
+            started = time.monotonic()
             summary = run_locust(server.url, run, out_dir, tag, api_key)
+            measured = server_side.split(before, server_side.scrape(server.url, api_key),
+                                         time.monotonic() - started)
             rows.append({"target": label, "scenario": scenario["name"], "users": users, "summary": summary,
+                         "server_side": measured,
                          "server": {"url": server.url, "startup_s": server.startup_s, **server.info}})
     return rows
 

@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+from loadtests import chart, server_side
 from loadtests import run as lt
 
 pytestmark = pytest.mark.timeout(300)
@@ -69,7 +70,17 @@ def test_steady_chat_stream_against_tiny_server(tmp_path):
         "prompt_tokens": "uniform:8:24", "output_tokens": "uniform:8:16", "stop_timeout": 10})
     with lt.start_ours(TINY, tmp_path, timeout_s=180) as server:
         lt.warm_up(server.url, scenario)
+        before = server_side.scrape(server.url)
         summary = lt.run_locust(server.url, scenario, tmp_path, "steady")
+        measured = server_side.split(before, server_side.scrape(server.url), 10.0)
+    # The server's own counters split the tokens the client saw.
+    assert measured["steps"] > 0 and measured["tokens_per_step"] >= 1
+    assert 0 < measured["forward_ms"] <= measured["step_ms"]
+    assert measured["engine_itl_ms"] > 0 and measured["engine_ttft_ms"] > 0
+    row = {"target": "ours", "scenario": "steady", "users": 3, "summary": summary, "server_side": measured}
+    assert "| engine ITL mean ms |" in lt.markdown([row])
+    png = chart.write([row, {**row, "users": 6}], tmp_path / "chart.png", "steady")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert summary["requests_failed"] == 0, summary["failures"]
     assert summary["failure_rows"] == []
     assert summary["requests_rejected"] == 0
