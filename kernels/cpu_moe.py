@@ -65,13 +65,14 @@ def float32_mm(a: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 def _widen_tile(out: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None,
                 act_dtype: torch.dtype) -> None:
-    """out float32 [k, c] <- weight [k, c] with the reference's numerics: dequantized in float32
-    (scales [b, c], one row per k / b weight rows), then rounded to act_dtype."""
+    """out float32 [k, c] <- weight [k, c] as kernels.reference.dequantize: int8 dequantized in
+    float32 (scales [b, c], one row per k / b weight rows), exact and not rounded, as the W8A16 GPU
+    kernels compute it; a float weight rounded to act_dtype."""
     out.copy_(weight)
     if scales is not None:
         blocks = scales.shape[0]
         out.view(blocks, out.shape[0] // blocks, out.shape[1]).mul_(scales.float()[:, None, :])
-    if act_dtype != torch.float32 and (scales is not None or weight.dtype != act_dtype):
+    elif act_dtype != torch.float32 and weight.dtype != act_dtype:
         out.copy_(out.to(act_dtype))
 
 
@@ -110,7 +111,7 @@ def _widened_matmul(a: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor 
 
 def matmul_weight(a: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:
     """a [n, K] in the activation dtype @ weight [K, N] (any stored dtype and order, int8 with scales
-    [R, N]) -> float32 [n, N], with the reference's numerics (weights rounded to a's dtype)."""
+    [R, N]) -> float32 [n, N], with kernels.reference's numerics (float weights rounded to a's dtype, int8 ones exact)."""
     act_dtype = a.dtype
     if weight.dtype == torch.float32 and act_dtype == torch.float32:
         return float32_mm(a, weight)

@@ -1,8 +1,11 @@
 """Torch reference implementations of the MoE kernels, with the Triton kernels' signatures.
 
 Written for clarity, not speed: they define the numerics the kernels are tested against.
-- Compute dtype c = the activations' dtype. A weight is dequantized in float32
-  (`weight.float() * scale.float()`) and rounded to c; products accumulate in float32.
+- Compute dtype c = the activations' dtype; products accumulate in float32. A float weight is
+  rounded to c. An int8 weight is dequantized in float32 (`weight.float() * scale.float()`, exact:
+  7 bits times bfloat16's 8 make 15 of float32's 24) and not rounded: the Triton kernels feed the
+  int8 values (exact in c) to the tensor cores and scale the float32 partial sums, which is the same
+  sum in a different order (W8A16, kernels/triton_tiles.py).
 - GEMM 1's epilogue gelu_tanh(a) * b runs in float32 and rounds once to c.
 - GEMM 2 scales each slot's row by its routing weight in float32 and sums the slots of a token in
   float32 before rounding once to c.
@@ -34,11 +37,12 @@ def softmax_topk(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor,
 
 
 def dequantize(weight: torch.Tensor, scales: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-    """weight [..., K, N] (int8 with scales [..., R, N], or floating) -> dtype."""
+    """weight [..., K, N] (int8 with scales [..., R, N], or floating) -> the float32 weight the GEMMs
+    multiply by: a float weight rounded to dtype first, an int8 one exact (never rounded)."""
     if scales is None:
-        return weight.to(dtype)
+        return weight.to(dtype).float()
     rows_per_block = weight.shape[-2] // scales.shape[-2]
-    return (weight.float() * scales.float().repeat_interleave(rows_per_block, dim=-2)).to(dtype)
+    return weight.float() * scales.float().repeat_interleave(rows_per_block, dim=-2)
 
 
 def topk_gating(router_logits: torch.Tensor, top_k: int, block_m: int, num_local_experts: int | None = None,
@@ -98,7 +102,7 @@ def grouped_gemm_gate_up(x: torch.Tensor, w13: torch.Tensor, w13_scales: torch.T
     for e, slots in enumerate(_expert_slots(routing)):
         if slots.numel() == 0:
             continue
-        weight = dequantize(w13[e], None if w13_scales is None else w13_scales[e], x.dtype).float()
+        weight = dequantize(w13[e], None if w13_scales is None else w13_scales[e], x.dtype)
         ab = x[slots // routing.top_k].float() @ weight  # [n, 2F]
         h[slots] = (gelu_tanh(ab[:, :ffn]) * ab[:, ffn:]).to(x.dtype)
     return h
@@ -113,7 +117,7 @@ def grouped_gemm_down(h: torch.Tensor, w2: torch.Tensor, w2_scales: torch.Tensor
     for e, slots in enumerate(_expert_slots(routing)):
         if slots.numel() == 0:
             continue
-        weight = dequantize(w2[e], None if w2_scales is None else w2_scales[e], h.dtype).float()
+        weight = dequantize(w2[e], None if w2_scales is None else w2_scales[e], h.dtype)
         y = (h[slots].float() @ weight) * gates[slots, None]  # [n, D]
         out.index_add_(0, slots // routing.top_k, y)
     return out.to(h.dtype)

@@ -113,13 +113,17 @@ def load_tile_configs(num_local_experts: int, hidden: int, ffn: int, device_name
 
 def default_tile_config(num_tokens: int, weight_dtype: torch.dtype) -> MoeTileConfig:
     """For shapes without a file: decode-sized calls stream weights (narrow N tiles for many programs,
-    deep K tiles), large calls are compute-bound (square tiles, grouped ordering for L2 reuse)."""
-    deep_k = 256 if weight_dtype == torch.int8 else 128
+    deep K tiles), large calls are compute-bound (wider tiles, grouped ordering for L2 reuse). Each
+    compiles for sm_90 and sm_80 without spills at Grok-1's dims (python -m kernels.aot)."""
+    int8 = weight_dtype == torch.int8
     if num_tokens <= 32:
-        return MoeTileConfig(16, GemmTiles(64, deep_k, 1, 1, 4, 4), GemmTiles(64, deep_k, 1, 1, 4, 4))
+        return MoeTileConfig(16, GemmTiles(64, 128, 1, 1, 4, 4), GemmTiles(64, 128, 1, 1, 4, 4))
     if num_tokens <= 512:
-        return MoeTileConfig(32, GemmTiles(64, 128, 4, 1, 4, 4), GemmTiles(64, 128, 4, 1, 4, 4))
-    return MoeTileConfig(64, GemmTiles(128, 64, 8, 1, 8, 3), GemmTiles(128, 64, 8, 1, 8, 3))
+        tiles = GemmTiles(64, 128, 4, 1, 4, 4) if int8 else GemmTiles(128, 64, 4, 1, 4, 4)
+        return MoeTileConfig(32, tiles, tiles)
+    if int8:
+        return MoeTileConfig(64, GemmTiles(64, 64, 8, 1, 8, 4), GemmTiles(64, 128, 8, 1, 8, 4))
+    return MoeTileConfig(64, GemmTiles(128, 64, 8, 1, 8, 4), GemmTiles(128, 64, 8, 1, 8, 4))
 
 
 def interpreter_tile_config(hidden: int, ffn: int, block_m: int = 16, max_block: int = 2048) -> MoeTileConfig:

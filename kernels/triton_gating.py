@@ -116,7 +116,7 @@ def topk_gating(router_logits: torch.Tensor, top_k: int, block_m: int, num_local
     """router_logits float32 [T, E] -> Routing (see kernels.reference.topk_gating)."""
     num_local = check_gating_inputs(router_logits, top_k, num_local_experts, expert_map, expert_counts_out)
     check_device(_topk_gating_kernel, router_logits)
-    num_tokens, num_experts = router_logits.shape
+    num_tokens = router_logits.shape[0]
     logits = router_logits if router_logits.stride(1) == 1 else router_logits.contiguous()
     device = logits.device
     capacity = padded_capacity(num_tokens * top_k, num_local, block_m)
@@ -126,18 +126,30 @@ def topk_gating(router_logits: torch.Tensor, top_k: int, block_m: int, num_local
     block_expert_ids = torch.empty(capacity // block_m, dtype=torch.int32, device=device)  # [P / block_m]
     num_padded = torch.empty(1, dtype=torch.int32, device=device)
     expert_counts = torch.empty(num_local, dtype=torch.int32, device=device)  # [L]
-    _topk_gating_kernel[(1,)](
-        logits, logits if expert_map is None else expert_map, weights, ids, sorted_slot_ids,
-        block_expert_ids, num_padded, expert_counts,
-        logits if expert_counts_out is None else expert_counts_out,
-        num_tokens, capacity, logits.stride(0),
-        NUM_EXPERTS=num_experts, NUM_LOCAL=num_local, TOP_K=top_k, BLOCK_M=block_m,
-        BLOCK_E=next_power_of_2(max(2, num_experts)), BLOCK_L=next_power_of_2(max(2, num_local)),
+    routing = Routing(topk_weights=weights, topk_ids=ids, sorted_slot_ids=sorted_slot_ids,
+                      block_expert_ids=block_expert_ids, num_padded=num_padded, expert_counts=expert_counts,
+                      block_m=block_m)
+    grid, args, keywords = gating_launch(logits, routing, expert_map, expert_counts_out)
+    _topk_gating_kernel[grid](*args, **keywords)
+    return routing
+
+
+def gating_launch(logits: torch.Tensor, routing: Routing, expert_map: torch.Tensor | None,
+                  expert_counts_out: torch.Tensor | None) -> tuple[tuple, tuple, dict]:
+    """(grid, arguments, keywords) of the launch that fills `routing`, shared with kernels.aot."""
+    num_tokens, num_experts = logits.shape
+    num_local, top_k = routing.num_local_experts, routing.top_k
+    capacity = routing.sorted_slot_ids.shape[0]
+    args = (logits, logits if expert_map is None else expert_map, routing.topk_weights, routing.topk_ids,
+            routing.sorted_slot_ids, routing.block_expert_ids, routing.num_padded, routing.expert_counts,
+            logits if expert_counts_out is None else expert_counts_out, num_tokens, capacity, logits.stride(0))
+    keywords = {
+        "NUM_EXPERTS": num_experts, "NUM_LOCAL": num_local, "TOP_K": top_k, "BLOCK_M": routing.block_m,
+        "BLOCK_E": next_power_of_2(max(2, num_experts)), "BLOCK_L": next_power_of_2(max(2, num_local)),
         # Chunks as large as the data up to a cap: decode runs each pass in one trip, prefill in few.
-        BLOCK_T=_chunk(num_tokens, 256), BLOCK_S=_chunk(num_tokens * top_k, 512), BLOCK_P=_chunk(capacity, 1024),
-        HAS_MAP=expert_map is not None, HAS_COUNTS_OUT=expert_counts_out is not None,
-        num_warps=4 if capacity <= 1024 else 8,
-    )
-    return Routing(topk_weights=weights, topk_ids=ids, sorted_slot_ids=sorted_slot_ids,
-                   block_expert_ids=block_expert_ids, num_padded=num_padded, expert_counts=expert_counts,
-                   block_m=block_m)
+        "BLOCK_T": _chunk(num_tokens, 256), "BLOCK_S": _chunk(num_tokens * top_k, 512),
+        "BLOCK_P": _chunk(capacity, 1024),
+        "HAS_MAP": expert_map is not None, "HAS_COUNTS_OUT": expert_counts_out is not None,
+        "num_warps": 4 if capacity <= 1024 else 8,
+    }
+    return (1,), args, keywords
