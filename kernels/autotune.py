@@ -36,7 +36,9 @@ def block_m_candidates(num_tokens: int, top_k: int, num_local: int) -> list[int]
     return [m for m in (16, 32, 64, 128) if m == 16 or m <= 2 * per_expert]
 
 
-def tile_candidates(block_m: int, n: int, k: int, with_split: bool, full: bool) -> list[GemmTiles]:
+def tile_candidates(block_m: int, n: int, k: int, with_split: bool, full: bool,
+                    quick: bool = False) -> list[GemmTiles]:
+    """quick: a few minutes per shape on one GPU (the GPU check): one stage count, no 256 tiles."""
     decode = block_m <= 32
     block_ns = [n_ for n_ in ((32, 64, 128) if decode else (64, 128, 256)) if n_ <= max(32, n)]
     block_ks = [k_ for k_ in (64, 128, 256) if k_ <= max(64, k)]
@@ -44,6 +46,10 @@ def tile_candidates(block_m: int, n: int, k: int, with_split: bool, full: bool) 
     warps = (4, 8) if full or not decode else (4,)
     stages = (2, 3, 4, 5) if full else (3, 4)
     splits = (1, 2, 4, 8) if with_split and decode else (1,)
+    if quick:
+        block_ns, block_ks = [n_ for n_ in block_ns if n_ < 256], [k_ for k_ in block_ks if k_ < 256]
+        group_ms, warps, stages = group_ms[-1:], warps[-1:], (4,) if decode else (3,)
+        splits = (1, 4) if with_split and decode else (1,)
     return [GemmTiles(bn, bk, g, s, w, st)
             for bn, bk, g, s, w, st in itertools.product(block_ns, block_ks, group_ms, splits, warps, stages)]
 
@@ -87,7 +93,8 @@ def random_problem(shape: dict, weight_dtype: torch.dtype, num_tokens: int, seed
     return experts, x, logits, expert_map
 
 
-def tune_bucket(shape: dict, weight_dtype: torch.dtype, num_tokens: int, full: bool) -> MoeTileConfig:
+def tune_bucket(shape: dict, weight_dtype: torch.dtype, num_tokens: int, full: bool,
+                quick: bool = False) -> MoeTileConfig:
     from .triton_down import grouped_gemm_down
     from .triton_gate_up import grouped_gemm_gate_up
     from .triton_gating import topk_gating
@@ -99,9 +106,9 @@ def tune_bucket(shape: dict, weight_dtype: torch.dtype, num_tokens: int, full: b
         routing = topk_gating(logits, 2, block_m, num_local, expert_map)
         h = grouped_gemm_gate_up(x, experts.w13, experts.w13_scales, routing)
         timed_up = [(time_call(lambda c=c, r=routing: grouped_gemm_gate_up(x, experts.w13, experts.w13_scales, r, c)),
-                     c) for c in tile_candidates(block_m, shape["ffn"], shape["hidden"], False, full)]
+                     c) for c in tile_candidates(block_m, shape["ffn"], shape["hidden"], False, full, quick)]
         timed_down = [(time_call(lambda c=c, r=routing, h=h: grouped_gemm_down(h, experts.w2, experts.w2_scales, r, c)),
-                       c) for c in tile_candidates(block_m, shape["hidden"], shape["ffn"], True, full)]
+                       c) for c in tile_candidates(block_m, shape["hidden"], shape["ffn"], True, full, quick)]
         (t_up, up), (t_down, down) = min(timed_up, key=lambda t: t[0]), min(timed_down, key=lambda t: t[0])
         print(f"  T={num_tokens} block_m={block_m}: gate_up {t_up:.3f} ms, down {t_down:.3f} ms", flush=True)
         if t_up + t_down < best[0]:
@@ -128,6 +135,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--weights", default="int8,bf16", help="weight kinds: int8,bf16")
     parser.add_argument("--buckets", default=",".join(map(str, BUCKETS)), help="token counts to tune")
     parser.add_argument("--full", action="store_true", help="also try 2 and 5 stages, 8 warps at decode")
+    parser.add_argument("--quick", action="store_true", help="a pruned space: one stage count, no 256 tiles")
     parser.add_argument("--out-dir", type=Path, default=CONFIG_DIR)
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -140,7 +148,7 @@ def main(argv: list[str] | None = None) -> None:
         configs = {}
         for kind in args.weights.split(","):
             print(f"{shape_name} {kind} on {device_name}", flush=True)
-            configs[kind] = {b: tune_bucket(shape, WEIGHT_KINDS[kind], b, args.full)
+            configs[kind] = {b: tune_bucket(shape, WEIGHT_KINDS[kind], b, args.full, args.quick)
                              for b in (int(v) for v in args.buckets.split(","))}
         header = {"shape": {"local_experts": shape["local"], "hidden": shape["hidden"], "ffn": shape["ffn"]},
                   "device": device_name, "tuned": True,

@@ -30,10 +30,11 @@ class LinearExperts:
         dtype = torch.bfloat16 if experts.weight_dtype == torch.int8 else experts.weight_dtype
         w1, w3, w2 = [], [], []
         for e in range(experts.num_experts):
-            w13 = dequantize(experts.w13[e], None if experts.w13_scales is None else experts.w13_scales[e], dtype)
+            w13 = dequantize(experts.w13[e], None if experts.w13_scales is None else experts.w13_scales[e], dtype).to(dtype)
             w1.append(w13[:, :ffn].t().contiguous())
             w3.append(w13[:, ffn:].t().contiguous())
-            down = dequantize(experts.w2[e], None if experts.w2_scales is None else experts.w2_scales[e], dtype)
+            down = dequantize(experts.w2[e], None if experts.w2_scales is None else experts.w2_scales[e],
+                              dtype).to(dtype)
             w2.append(down.t().contiguous())
         return cls(tuple(w1), tuple(w3), tuple(w2))
 
