@@ -206,7 +206,7 @@ def load_weights(model: torch.nn.Module, path: Path | None, load_format: str, se
 
 def load_model(source: str | Path, dtype: str = "float32", *, load_format: str = "auto", seed: int = 0,
                shard: Shard | None = None, comm: Comm | None = None, int8: bool | None = None,
-               device: str | torch.device = "cpu") -> Grok1:
+               device: str | torch.device = "cpu", float32_residual: bool = True) -> Grok1:
     """A preset name (random weights) or a checkpoint directory -> the model, ready for inference.
 
     int8 (default: only on CUDA) keeps int8 weights and their scales in memory, as the GPU kernels
@@ -218,7 +218,8 @@ def load_model(source: str | Path, dtype: str = "float32", *, load_format: str =
     device = torch.device(device)
     if int8 is None:
         int8 = device.type == "cuda"
-    model = Grok1(config, TORCH_DTYPES[dtype], int8=int8, shard=shard or Shard(), comm=comm)
+    model = Grok1(config, TORCH_DTYPES[dtype], int8=int8, shard=shard or Shard(), comm=comm,
+                  float32_residual=float32_residual)
     load_weights(model, path, load_format, seed)
     model.source = str(source)
     if device.type == "cpu":

@@ -29,11 +29,12 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.register_buffer("scale", torch.ones(size, dtype=torch.float32))  # [D], float32 as released
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # float32 statistics whatever the activation dtype; `scale * normed`, no `1 + scale`.
+    def forward(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        # float32 statistics whatever the activation dtype; `scale * normed`, no `1 + scale`; one
+        # rounding, to out_dtype (default x's).
         xf = x.float()
         normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (self.scale * normed).to(x.dtype)
+        return (self.scale * normed).to(out_dtype or x.dtype)
 
 
 class Linear(nn.Module):
@@ -140,8 +141,12 @@ class MoE(nn.Module):
 
 
 class DecoderLayer(nn.Module):
+    """The residual stream h arrives and leaves in whatever dtype the caller keeps it in (float32 for
+    Grok1 with float32_residual); attention and the experts run in the compute dtype."""
+
     def __init__(self, config: Grok1Config, shard: Shard, dtype: torch.dtype, int8: bool):
         super().__init__()
+        self.dtype = dtype
         eps = config.rms_norm_eps
         self.multi_head_attention = MultiHeadAttention(config, shard, dtype, int8)
         self.router = Router(config)
@@ -155,11 +160,13 @@ class DecoderLayer(nn.Module):
     def forward(self, h: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding, comm: Comm,
                 k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
                 expert_counts: torch.Tensor | None) -> torch.Tensor:
-        attn = self.multi_head_attention(self.rms_norm(h), positions, rope, k_cache, v_cache, meta)
-        h = h + self.rms_norm_1(comm.all_reduce(attn))
-        x = self.rms_norm_2(h)
-        moe = self.moe(x, self.router(x), expert_counts)
-        return h + self.rms_norm_3(comm.all_reduce(moe))
+        attn = self.multi_head_attention(self.rms_norm(h, self.dtype), positions, rope, k_cache, v_cache, meta)
+        h = h + self.rms_norm_1(comm.all_reduce(attn), h.dtype)
+        # The router reads the normed stream unrounded: near-tied top-2 choices are where bfloat16
+        # runs part from the float32 reference.
+        x = self.rms_norm_2(h, torch.float32)
+        moe = self.moe(x.to(self.dtype), self.router(x), expert_counts)
+        return h + self.rms_norm_3(comm.all_reduce(moe), h.dtype)
 
 
 class InOutEmbed(nn.Module):
@@ -171,12 +178,17 @@ class InOutEmbed(nn.Module):
 
 
 class Grok1(nn.Module):
+    """float32_residual: keep the residual stream h in float32 whatever the compute dtype (one
+    [T, D] add per sublayer: no measurable cost next to the weights a step streams). Off by default
+    so that embedders of the layers (the vLLM plugin) get hidden states in the model dtype."""
+
     def __init__(self, config: Grok1Config, dtype: torch.dtype = torch.float32, *, int8: bool = False,
-                 shard: Shard | None = None, comm: Comm | None = None):
+                 shard: Shard | None = None, comm: Comm | None = None, float32_residual: bool = False):
         super().__init__()
         shard = shard or Shard()
         shard.check(config)
         self.config, self.dtype, self.shard = config, dtype, shard
+        self.residual_dtype = torch.float32 if float32_residual else dtype
         self.comm = comm if comm is not None else SingleRank()
         self.in_out_embed = InOutEmbed(config, shard, dtype)
         self.decoder_layer = nn.ModuleList(DecoderLayer(config, shard, dtype, int8)
@@ -222,7 +234,7 @@ class Grok1(nn.Module):
             local = input_ids - self.in_out_embed.first_row
             held = (local >= 0) & (local < table.shape[0])
             x = self.comm.all_reduce(table[local.clamp(0, table.shape[0] - 1)] * held[:, None])
-        return x.to(self.dtype) * self.config.embedding_multiplier_scale  # [T, D]
+        return x.to(self.residual_dtype) * self.config.embedding_multiplier_scale  # [T, D]
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata,
@@ -237,7 +249,7 @@ class Grok1(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [S, D] -> float32 logits [S, V] (tied output embedding, output multiplier)."""
-        h = self.rms_norm(hidden)
+        h = self.rms_norm(hidden, self.dtype)
         local = dense_matmul(h, self.in_out_embed.embeddings.to(h.dtype).T)  # [S, V_l]
         logits = self.comm.all_gather(local, dim=-1)
         return (logits * self.config.output_multiplier_scale).float()
