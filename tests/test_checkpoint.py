@@ -165,3 +165,23 @@ def test_unknown_preset_and_missing_directory(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="no checkpoint found"):
         load_model(tmp_path / "empty")
+
+
+def test_expert_storage_is_chosen_apart_from_the_rest():
+    from services.model import load_model
+
+    ids = np.arange(3, 20)
+    plain = load_model("tiny", "float32")
+    w8a16 = load_model("tiny", "float32", expert_dtype="int8")
+    h200 = load_model("tiny", "float32", int8=True, expert_dtype="bfloat16")
+    layer = w8a16.decoder_layer[0]
+    assert layer.moe.linear_1.w.dtype == torch.int8 and layer.moe.linear_1.scales.shape[-2] == 8
+    assert layer.multi_head_attention.query.w.dtype == torch.float32
+    layer = h200.decoder_layer[0]
+    assert layer.moe.linear_linear_v.w.dtype == torch.bfloat16 and layer.moe.linear_linear_v.scales is None
+    assert layer.multi_head_attention.query.w.dtype == torch.int8
+    # int8 experts compute the same float32 sums as experts dequantized at load.
+    np.testing.assert_allclose(w8a16.score(ids), plain.score(ids), rtol=0, atol=1e-4)
+    assert np.isfinite(h200.score(ids)).all()
+    with pytest.raises(ValueError, match="expert_dtype"):
+        load_model("tiny", "float32", expert_dtype="int4")

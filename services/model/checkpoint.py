@@ -23,6 +23,9 @@ from services.model.shard import Comm, Shard
 from services.model.weight_map import release_shape, shard_index, target
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# How experts are kept: auto (int8 when the model keeps int8 weights, else the compute dtype), int8
+# (as released, W8A16 kernels), or a float dtype (dequantized once at load).
+EXPERT_DTYPES = ("auto", "int8", *TORCH_DTYPES)
 LOAD_FORMATS = ("auto", "release", "safetensors", "hf", "dummy")
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SCALES_SUFFIX = ":scales"
@@ -206,20 +209,26 @@ def load_weights(model: torch.nn.Module, path: Path | None, load_format: str, se
 
 def load_model(source: str | Path, dtype: str = "float32", *, load_format: str = "auto", seed: int = 0,
                shard: Shard | None = None, comm: Comm | None = None, int8: bool | None = None,
-               device: str | torch.device = "cpu", float32_residual: bool = True) -> Grok1:
+               device: str | torch.device = "cpu", float32_residual: bool = True,
+               expert_dtype: str = "auto") -> Grok1:
     """A preset name (random weights) or a checkpoint directory -> the model, ready for inference.
 
     int8 (default: only on CUDA) keeps int8 weights and their scales in memory, as the GPU kernels
-    consume them; otherwise they are dequantized once at load, the fast path on CPU.
+    consume them; otherwise they are dequantized once at load, the fast path on CPU. expert_dtype
+    (EXPERT_DTYPES) overrides that for the experts alone: "bfloat16" on an H200, where bf16 Grok-1
+    fits, "int8" on an H100, where only int8 experts do (docs/parallelism.md).
     """
     if dtype not in TORCH_DTYPES:
         raise ValueError(f"dtype must be one of {sorted(TORCH_DTYPES)}, got {dtype!r}")
+    if expert_dtype not in EXPERT_DTYPES:
+        raise ValueError(f"expert_dtype must be one of {EXPERT_DTYPES}, got {expert_dtype!r}")
     config, path, load_format = resolve_source(source, load_format)
     device = torch.device(device)
     if int8 is None:
         int8 = device.type == "cuda"
+    experts = None if expert_dtype == "auto" else torch.int8 if expert_dtype == "int8" else TORCH_DTYPES[expert_dtype]
     model = Grok1(config, TORCH_DTYPES[dtype], int8=int8, shard=shard or Shard(), comm=comm,
-                  float32_residual=float32_residual)
+                  float32_residual=float32_residual, expert_dtype=experts)
     load_weights(model, path, load_format, seed)
     model.source = str(source)
     if device.type == "cpu":

@@ -124,12 +124,13 @@ class Router(nn.Module):
 
 
 class MoE(nn.Module):
-    def __init__(self, config: Grok1Config, shard: Shard, dtype: torch.dtype, int8: bool):
+    def __init__(self, config: Grok1Config, shard: Shard, expert_dtype: torch.dtype):
         super().__init__()
         experts, d, f = len(shard.experts(config)), config.emb_size, config.ffn_size
         self.top_k = config.num_selected_experts
-        self.linear_linear_v = ExpertLinear(experts, d, 2 * f, dtype, int8)
-        self.linear_1 = ExpertLinear(experts, f, d, dtype, int8, config.int8_row_blocks)
+        int8 = expert_dtype == torch.int8
+        self.linear_linear_v = ExpertLinear(experts, d, 2 * f, expert_dtype, int8)
+        self.linear_1 = ExpertLinear(experts, f, d, expert_dtype, int8, config.int8_row_blocks)
         self.register_buffer("expert_map", shard.expert_map(config), persistent=False)
         self.backend = "auto"
 
@@ -144,13 +145,14 @@ class DecoderLayer(nn.Module):
     """The residual stream h arrives and leaves in whatever dtype the caller keeps it in (float32 for
     Grok1 with float32_residual); attention and the experts run in the compute dtype."""
 
-    def __init__(self, config: Grok1Config, shard: Shard, dtype: torch.dtype, int8: bool):
+    def __init__(self, config: Grok1Config, shard: Shard, dtype: torch.dtype, int8: bool,
+                 expert_dtype: torch.dtype):
         super().__init__()
         self.dtype = dtype
         eps = config.rms_norm_eps
         self.multi_head_attention = MultiHeadAttention(config, shard, dtype, int8)
         self.router = Router(config)
-        self.moe = MoE(config, shard, dtype, int8)
+        self.moe = MoE(config, shard, expert_dtype)
         # Named in creation order as the release: pre-attention, post-attention, pre-MoE, post-MoE.
         self.rms_norm = RMSNorm(config.emb_size, eps)
         self.rms_norm_1 = RMSNorm(config.emb_size, eps)
@@ -178,20 +180,27 @@ class InOutEmbed(nn.Module):
 
 
 class Grok1(nn.Module):
-    """float32_residual: keep the residual stream h in float32 whatever the compute dtype (one
+    """int8: keep the released int8 weights (and scales) instead of dequantizing them at load.
+    expert_dtype: how the experts (97 % of the weights) are stored, int8 or a float dtype; default int8
+    when int8 is set, else the compute dtype. bfloat16 experts on int8 attention is the H200 preset:
+    no dequantization in the expert GEMMs, twice the bytes per step.
+
+    float32_residual: keep the residual stream h in float32 whatever the compute dtype (one
     [T, D] add per sublayer: no measurable cost next to the weights a step streams). Off by default
     so that embedders of the layers (the vLLM plugin) get hidden states in the model dtype."""
 
     def __init__(self, config: Grok1Config, dtype: torch.dtype = torch.float32, *, int8: bool = False,
-                 shard: Shard | None = None, comm: Comm | None = None, float32_residual: bool = False):
+                 shard: Shard | None = None, comm: Comm | None = None, float32_residual: bool = False,
+                 expert_dtype: torch.dtype | None = None):
         super().__init__()
+        expert_dtype = expert_dtype or (torch.int8 if int8 else dtype)
         shard = shard or Shard()
         shard.check(config)
         self.config, self.dtype, self.shard = config, dtype, shard
         self.residual_dtype = torch.float32 if float32_residual else dtype
         self.comm = comm if comm is not None else SingleRank()
         self.in_out_embed = InOutEmbed(config, shard, dtype)
-        self.decoder_layer = nn.ModuleList(DecoderLayer(config, shard, dtype, int8)
+        self.decoder_layer = nn.ModuleList(DecoderLayer(config, shard, dtype, int8, expert_dtype)
                                            for _ in range(config.num_layers))
         self.rms_norm = RMSNorm(config.emb_size, config.rms_norm_eps)
         self.rope = RotaryEmbedding(config.key_size, config.rope_base, config.max_seq_len)
