@@ -168,8 +168,6 @@ def test_unknown_preset_and_missing_directory(tmp_path):
 
 
 def test_expert_storage_is_chosen_apart_from_the_rest():
-    from services.model import load_model
-
     ids = np.arange(3, 20)
     plain = load_model("tiny", "float32")
     w8a16 = load_model("tiny", "float32", expert_dtype="int8")
