@@ -31,16 +31,24 @@ class Gpu:
     name: str
     memory_bytes: float  # nominal HBM capacity
     link_bytes_per_s: float  # NVLink bandwidth per direction per GPU
+    hbm_bytes_per_s: float  # datasheet HBM bandwidth
+    expert_dtype: str  # the preset's expert storage (deploy/h100x8.yaml, deploy/h200x8.yaml)
 
 
-GPUS = (Gpu("H100 SXM (NVLink4)", 80e9, 450e9), Gpu("H200 SXM (NVLink4)", 141e9, 450e9))
+GPUS = (Gpu("H100 SXM (NVLink4)", 80e9, 450e9, 3.35e12, "int8"),
+        Gpu("H200 SXM (NVLink4)", 141e9, 450e9, 4.8e12, "bfloat16"))
+# Share of the datasheet HBM bandwidth the MoE and attention kernels are assumed to stream weights at;
+# an assumption until scripts/gpu_check.sh's bench (the "ours / copy BW" column) measures it.
+STREAM_EFFICIENCY = 0.70
+ROOFLINE_CONTEXT = 2048  # tokens of context per sequence whose KV cache a decode step reads
 MEMORY_UTILIZATION = 0.90  # the share of HBM the engine plans for; activations and workspace use the rest
 
 
 # --- derived quantities ---------------------------------------------------------------------------
-def meta_model(config: Grok1Config, size: int, rank: int = 0, int8: bool = True) -> Grok1:
+def meta_model(config: Grok1Config, size: int, rank: int = 0, int8: bool = True,
+               expert_dtype: torch.dtype | None = None) -> Grok1:
     with torch.device("meta"):
-        return Grok1(config, torch.bfloat16, int8=int8, shard=Shard(rank, size))
+        return Grok1(config, torch.bfloat16, int8=int8, shard=Shard(rank, size), expert_dtype=expert_dtype)
 
 
 def _group(name: str) -> str:
@@ -53,10 +61,14 @@ def _group(name: str) -> str:
     return "other"  # norms, routers, rotary tables
 
 
-def rank_memory(config: Grok1Config, size: int, int8: bool) -> dict[str, int]:
+EXPERT_TORCH_DTYPES = {"int8": torch.int8, "bfloat16": torch.bfloat16}
+
+
+def rank_memory(config: Grok1Config, size: int, int8: bool, expert_dtype: str | None = None) -> dict[str, int]:
     """Bytes of one rank's model buffers by group (all ranks hold the same shapes)."""
     out = {"experts": 0, "attention": 0, "embedding": 0, "other": 0}
-    for name, buffer in meta_model(config, size, int8=int8).named_buffers():
+    experts = None if expert_dtype is None else EXPERT_TORCH_DTYPES[expert_dtype]
+    for name, buffer in meta_model(config, size, int8=int8, expert_dtype=experts).named_buffers():
         out[_group(name)] += buffer.numel() * buffer.element_size()
     out["total"] = sum(out.values())
     return out
@@ -148,21 +160,55 @@ def communication_table(config: Grok1Config, size: int, latency_us: float) -> li
 
 
 def memory_table(config: Grok1Config) -> list[str]:
-    lines = [_row("GPU", "N", "weight dtype", "experts", "attention", "embedding", "other", "weights / GPU",
-                  "KV / token / GPU", "KV budget / GPU", "max tokens in cache",
-                  f"{config.max_seq_len}-token sequences"), _rule(12)]
+    """Attention stays int8 as released; the experts are int8 (the H100 preset) or bfloat16 (H200)."""
+    lines = [_row("GPU", "N", "experts", "preset", "experts GB", "attention", "embedding", "other",
+                  "weights / GPU", "KV / token / GPU", "KV budget / GPU", "max tokens in cache",
+                  f"{config.max_seq_len}-token sequences"), _rule(13)]
     for gpu in GPUS:
         for n in (4, 8):
-            for int8 in (True, False):
-                m = rank_memory(config, n, int8)
+            for experts in EXPERT_TORCH_DTYPES:
+                m = rank_memory(config, n, True, experts)
                 kv = kv_bytes_per_token(config, n, "bfloat16")
                 budget = MEMORY_UTILIZATION * gpu.memory_bytes - m["total"]
                 tokens = max(0, int(budget // kv))
                 fits = budget > 0
-                lines.append(_row(gpu.name, n, "int8" if int8 else "bf16", *(_gb(m[k]) for k in (
+                preset = "yes" if n == 8 and experts == gpu.expert_dtype else ""
+                lines.append(_row(gpu.name, n, experts, preset, *(_gb(m[k]) for k in (
                     "experts", "attention", "embedding", "other", "total")), f"{kv / 1024:.0f} KiB",
                     _gb(budget) if fits else "does not fit", f"{tokens:,}",
                     f"{tokens // config.max_seq_len:,}"))
+    return lines
+
+
+def roofline_table(config: Grok1Config, latency_us: float) -> list[str]:
+    """Decode step time on 8 GPUs from the bytes the busiest GPU streams per step.
+
+    Per layer the step waits for the GPUs holding the chosen experts: at batch 1 two of eight GPUs
+    each stream their one expert; at batch 64 every expert is chosen (P(unchosen) = (6/8)^128) and
+    every GPU streams its expert. Either way the critical path streams one expert per layer, plus
+    this GPU's attention weights, its KV cache for the batch, and its vocabulary share of the LM head
+    (bf16 embeddings). Compute is far below: at batch 64, 16 tokens per expert per layer."""
+    n, ring = 8, ring_factor(8)
+    per_token_comm = (config.num_layers * all_reduce_bytes_per_layer(config, "bfloat16")
+                      + config.emb_size * DTYPE_BYTES["bfloat16"])
+    gather = (n - 1) / n * config.vocab_size * DTYPE_BYTES["bfloat16"]
+    collectives = 2 * config.num_layers + 2
+    lines = [_row("GPU", "experts", "batch", "weights streamed / GPU", "KV read / GPU", "HBM time",
+                  "collectives", "step = per-token latency", "tokens/s (all sequences)"), _rule(9)]
+    for gpu in GPUS:
+        for experts in EXPERT_TORCH_DTYPES:
+            m = rank_memory(config, n, True, experts)
+            if m["total"] > MEMORY_UTILIZATION * gpu.memory_bytes:
+                continue  # does not fit (the memory table)
+            weights = m["experts"] + m["attention"] + m["embedding"]
+            for batch in (1, 64):
+                kv = batch * ROOFLINE_CONTEXT * kv_bytes_per_token(config, n, "bfloat16")
+                hbm = (weights + kv) / (STREAM_EFFICIENCY * gpu.hbm_bytes_per_s)
+                sent = batch * (ring * per_token_comm + gather)
+                comm = sent / gpu.link_bytes_per_s + collectives * latency_us * 1e-6
+                step = hbm + comm
+                lines.append(_row(gpu.name, experts, batch, _gb(weights), _gb(kv), f"{hbm * 1e3:.1f} ms",
+                                  f"{comm * 1e3:.2f} ms", f"{step * 1e3:.1f} ms", f"{batch / step:,.0f}"))
     return lines
 
 
@@ -178,8 +224,17 @@ def tables(latency_us: float) -> str:
         "### Communication (8 GPUs)", "", *communication_table(config, 8, latency_us), "",
         "### Memory per GPU", "",
         (f"KV budget = {MEMORY_UTILIZATION:.0%} of HBM ({capacities}) minus the weights; the KV cache is "
-         "bf16."), "",
-        *memory_table(config),
+         "bf16; attention weights int8 as released. \"preset\" marks deploy/h100x8.yaml (int8 experts) and "
+         "deploy/h200x8.yaml (bf16 experts)."), "",
+        *memory_table(config), "",
+        "### Roofline: decode latency on 8 GPUs", "",
+        (f"Datasheet HBM bandwidth ({', '.join(f'{g.name}: {g.hbm_bytes_per_s / 1e12:.2f} TB/s' for g in GPUS)}) "
+         f"at an assumed {STREAM_EFFICIENCY:.0%} kernel efficiency (not measured: scripts/gpu_check.sh's "
+         f"bench measures the fraction of copy bandwidth the MoE kernels reach), KV cache read for "
+         f"{ROOFLINE_CONTEXT} tokens of context per sequence, collectives as in the communication table "
+         f"({latency_us:g} us assumed per collective). A step of the batch yields one token per sequence: "
+         "the step time is each sequence's per-token latency."), "",
+        *roofline_table(config, latency_us),
     ]
     return "\n".join(out)
 
