@@ -183,3 +183,42 @@ def test_expert_storage_is_chosen_apart_from_the_rest():
     assert np.isfinite(h200.score(ids)).all()
     with pytest.raises(ValueError, match="expert_dtype"):
         load_model("tiny", "float32", expert_dtype="int4")
+
+
+@pytest.mark.parametrize("int8", [True, False])
+def test_mapped_release_arrays_load_chunk_by_chunk_into_each_rank(tmp_path, monkeypatch, int8):
+    """Every array mapped from its file and copied in chunks of a few rows: the same model, per rank."""
+    from services.model import checkpoint, release_format
+    from services.model.shard import Shard
+
+    # Arrays over 64 KiB: pickle writes those outside its frames, where they can be mapped.
+    config = SMALL.replace(num_kv_heads=2, emb_size=128, widening_factor=6.0)
+    root = write_release(tmp_path / "ckpt", config, seed=5)
+    expected = [load_model(root, int8=int8, shard=Shard(r, 2)) for r in range(2)]
+    monkeypatch.setattr(release_format, "MAP_THRESHOLD", 64)
+    monkeypatch.setattr(checkpoint, "COPY_CHUNK_BYTES", 100)
+    value = read_tensor(tensor_path(root, param_names(config).index("transformer/decoder_layer_0/moe/linear_1/w")),
+                        mapped=True)
+    assert isinstance(value.weight, np.memmap)
+    for rank in range(2):
+        assert_same_model(load_model(root, int8=int8, shard=Shard(rank, 2)), expected[rank])
+
+
+def test_mapped_reading_refuses_foreign_globals_too(tmp_path):
+    path = tmp_path / "evil"
+    path.write_bytes(pickle.dumps(os.system))
+    with pytest.raises(CheckpointError, match="refusing to load global"):
+        read_tensor(path, mapped=True)
+
+
+def test_loading_and_converting_report_bytes_rate_and_time_left(tmp_path, capsys, monkeypatch):
+    from services.model import checkpoint
+
+    root = write_release(tmp_path / "ckpt", SMALL, seed=6)
+    monkeypatch.setattr(checkpoint.Progress.__init__, "__defaults__", (0.0, 0, None))
+    load_model(root)
+    convert_release(root, tmp_path / "st")
+    err = capsys.readouterr().err
+    for verb in ("loading", "converting"):
+        lines = [line for line in err.splitlines() if line.startswith(verb)]
+        assert lines and " GB/s" in lines[0] and "s left" in lines[0] and "done in" in lines[-1], err

@@ -7,6 +7,9 @@ twice and a rank never materialises what other ranks own.
 from __future__ import annotations
 
 import json
+import sys
+import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,10 +34,58 @@ SAFETENSORS_INDEX = "model.safetensors.index.json"
 SCALES_SUFFIX = ":scales"
 
 
+class Progress:
+    """Bytes of a checkpoint done out of its total, reported every few seconds with the rate and the
+    time left, as someone loading 300 GB expects. Quiet below min_total (tests, small models)."""
+
+    def __init__(self, label: str, total_bytes: int, every_s: float = 5.0, min_total: int = 1 << 30,
+                 stream=None):
+        self.label, self.total, self.every_s = label, max(1, total_bytes), every_s
+        self.quiet = total_bytes < min_total
+        self.stream = stream or sys.stderr
+        self.done, self.started = 0, time.perf_counter()
+        self.last = self.started
+
+    def advance(self, nbytes: int) -> None:
+        self.done += nbytes
+        now = time.perf_counter()
+        if now - self.last >= self.every_s:
+            self.last = now
+            self.report()
+
+    def report(self, final: bool = False) -> None:
+        if self.quiet:
+            return
+        elapsed = max(1e-9, time.perf_counter() - self.started)
+        rate = self.done / elapsed
+        left = "" if final else f", {max(0.0, (self.total - self.done) / max(rate, 1e-9)):.0f} s left"
+        print(f"{self.label}: {self.done / 1e9:.2f} / {self.total / 1e9:.2f} GB "
+              f"({min(1.0, self.done / self.total):.0%}), {rate / 1e9:.2f} GB/s{left}"
+              + (f", done in {elapsed:.1f} s" if final else ""), file=self.stream, flush=True)
+
+
+def checkpoint_bytes(path: Path | None) -> int:
+    if path is None:
+        return 0
+    files = [f for pattern in ("ckpt-0/tensor*", "*.safetensors", "pytorch_model*.bin") for f in path.glob(pattern)]
+    return sum(f.stat().st_size for f in files)
+
+
+def value_bytes(value) -> int:
+    weight, scales = _parts(value)
+    return int(getattr(weight, "nbytes", 0)) + (0 if scales is None else int(scales.nbytes))
+
+
 def to_torch(array: np.ndarray) -> torch.Tensor:
     if array.dtype == ml_dtypes.bfloat16:
         return torch.from_numpy(np.ascontiguousarray(array).view(np.uint16)).view(torch.bfloat16)
-    return torch.from_numpy(np.ascontiguousarray(array))
+    array = np.ascontiguousarray(array)
+    if array.flags.writeable:
+        return torch.from_numpy(array)
+    # A read-only view of a mapped file, only ever a copy's source: no need to copy it first.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(array)
 
 
 def detect_format(path: Path) -> str:
@@ -50,9 +101,10 @@ def detect_format(path: Path) -> str:
 
 
 def iter_release(path: Path, config: Grok1Config) -> Iterator[tuple[str, object, Path, bool]]:
+    """Large arrays come mapped from their files: assign copies only this rank's part, chunk by chunk."""
     for index, name in enumerate(release_format.param_names(config)):
         file = release_format.tensor_path(path, index)
-        yield name, release_format.read_tensor(file), file, False
+        yield name, release_format.read_tensor(file, mapped=True), file, False
 
 
 def _parts(value) -> tuple[np.ndarray, np.ndarray | None]:
@@ -85,23 +137,49 @@ def assign(model: Grok1, name: str, value, source: Path | str, sliced: bool = Fa
         raise CheckpointError(f"{source}: {name} has shape {got_w}"
                               f"{'' if got_s is None else f' with scales {got_s}'}, expected {tuple(want_w)}"
                               f"{'' if want_s is None else f' with scales {tuple(want_s)}'} for this config")
-    w = to_torch(weight if sliced else weight[w_index])
+    weight = weight if sliced else weight[w_index]
     s = None if scales is None else to_torch(scales if sliced else scales[s_index])
     try:
         module = model.get_submodule(t.dest)
     except AttributeError:
         buffer = model.get_buffer(t.dest)  # float32 arrays as released (quantized ones refused above)
-        buffer.copy_(w.to(buffer.dtype))
+        copy_into(buffer, weight)
         return
-    _assign_linear(module, w, s, t.half)
+    _assign_linear(module, weight, s, t.half)
 
 
-def _assign_linear(module: torch.nn.Module, w: torch.Tensor, s: torch.Tensor | None, half: int | None) -> None:
+# Bytes of a mapped array copied at a time: what a load holds beyond the weights it keeps.
+COPY_CHUNK_BYTES = 64 << 20
+
+
+def copy_into(dest: torch.Tensor, src: np.ndarray) -> None:
+    """dest <- src (same shape), converting dtype. A file-mapped src is copied a chunk of leading
+    rows at a time, its touched pages unmapped after each, so resident memory grows by the chunk."""
+    if not isinstance(src, np.memmap) or src.nbytes <= COPY_CHUNK_BYTES:
+        dest.copy_(to_torch(src))
+        return
+    row_bytes = src[0].nbytes if src.ndim > 1 else src.itemsize
+    if src.ndim > 1 and row_bytes > COPY_CHUNK_BYTES:
+        for i in range(src.shape[0]):
+            copy_into(dest[i], src[i])
+        return
+    step = max(1, COPY_CHUNK_BYTES // row_bytes)
+    for start in range(0, src.shape[0], step):
+        dest[start:start + step].copy_(to_torch(src[start:start + step]))
+        release_format.drop_mapped_pages(src)
+
+
+def _assign_linear(module: torch.nn.Module, weight: np.ndarray, s: torch.Tensor | None, half: int | None) -> None:
     dest_w, dest_s = module.w, module.scales
     if half is not None:
         n = dest_w.shape[-1] // 2
         dest_w = dest_w[..., half * n:(half + 1) * n]
         dest_s = None if dest_s is None else dest_s[..., half * n:(half + 1) * n]
+    if dest_s is not None and s is not None:  # int8 kept as released: straight copies
+        copy_into(dest_w, weight)
+        dest_s.copy_(s)
+        return
+    w = to_torch(weight)
     if dest_s is None:
         dest_w.copy_(w if s is None else dequantize(w, s, dest_w.dtype))
         return
@@ -202,9 +280,12 @@ def load_weights(model: torch.nn.Module, path: Path | None, load_format: str, se
     else:
         from services.model.hf_format import iter_hf
         tensors = iter_hf(path, config)
+    progress = Progress(f"loading {path}", checkpoint_bytes(path))
     with torch.no_grad():
         for name, value, file, sliced in tensors:
             assign(model, name, value, file, sliced)
+            progress.advance(value_bytes(value))
+    progress.report(final=True)
 
 
 def load_model(source: str | Path, dtype: str = "float32", *, load_format: str = "auto", seed: int = 0,

@@ -9,7 +9,15 @@ from pathlib import Path
 
 import numpy as np
 
-from services.model.checkpoint import SAFETENSORS_INDEX, SCALES_SUFFIX, dummy_weights, iter_release, to_torch
+from services.model.checkpoint import (
+    SAFETENSORS_INDEX,
+    SCALES_SUFFIX,
+    Progress,
+    checkpoint_bytes,
+    dummy_weights,
+    iter_release,
+    to_torch,
+)
 from services.model.config import PRESETS, Grok1Config
 from services.model.release_format import CheckpointError, QuantizedWeight8bit
 
@@ -21,9 +29,11 @@ def convert_release(source: Path | str, dest: Path, shard_bytes: int = 4 << 30, 
     if str(source) in PRESETS:
         config = PRESETS[str(source)]
         tensors, tokenizer = dummy_weights(config, seed), None
+        progress = Progress(f"converting {source}", 0)
     else:
         config = Grok1Config.from_dir(source)
         tensors, tokenizer = iter_release(Path(source), config), Path(source) / "tokenizer.model"
+        progress = Progress(f"converting {source}", checkpoint_bytes(Path(source)))
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     if any(dest.glob("*.safetensors")):
@@ -50,7 +60,9 @@ def convert_release(source: Path | str, dest: Path, shard_bytes: int = 4 << 30, 
         pending.update({k: to_torch(np.ascontiguousarray(a)) for k, a in arrays.items()})
         pending_bytes += size
         total += size
+        progress.advance(size)
     flush()
+    progress.report(final=True)
     # Shards are renamed to the usual "-of-N" form once N is known.
     final = {}
     for i, name in enumerate(shard_files):

@@ -8,7 +8,9 @@ tree-flatten order, i.e. parameter paths sorted as strings (so layer 10 comes be
 from __future__ import annotations
 
 import io
+import mmap
 import pickle
+import struct
 from pathlib import Path
 
 import ml_dtypes
@@ -70,13 +72,106 @@ _ALLOWED_GLOBALS = {
 }
 
 
+def _find_allowed(module: str, name: str):
+    factory = _ALLOWED_GLOBALS.get((module, name))
+    if factory is None:
+        raise pickle.UnpicklingError(f"refusing to load global '{module}.{name}': only numpy arrays "
+                                     f"and QuantizedWeight8bit records are allowed in a checkpoint")
+    return factory()
+
+
 class RestrictedUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
-        factory = _ALLOWED_GLOBALS.get((module, name))
-        if factory is None:
-            raise pickle.UnpicklingError(f"refusing to load global '{module}.{name}': only numpy arrays "
-                                         f"and QuantizedWeight8bit records are allowed in a checkpoint")
-        return factory()
+        return _find_allowed(module, name)
+
+
+# Array payloads at least this large are mapped from the file instead of read into memory.
+MAP_THRESHOLD = 1 << 20
+
+
+class _FileRegion:
+    """Where an array's raw bytes lie in the file (pickle protocol 4 writes large bytes unframed)."""
+
+    __slots__ = ("length", "offset")
+
+    def __init__(self, offset: int, length: int):
+        self.offset, self.length = offset, length
+
+
+class _PendingArray:
+    """Stands in for numpy's _reconstruct result until BUILD hands it its state."""
+
+    __slots__ = ("array", "path")
+
+    def __init__(self, path: Path):
+        self.path, self.array = path, None
+
+    def __setstate__(self, state) -> None:
+        if not (isinstance(state, tuple) and len(state) == 5):
+            raise pickle.UnpicklingError("unexpected numpy array state")
+        _, shape, dtype, fortran, raw = state
+        if not isinstance(dtype, np.dtype) or dtype not in _ALLOWED_DTYPES:
+            raise pickle.UnpicklingError(f"array dtype {dtype} is not allowed in a checkpoint")
+        order = "F" if fortran else "C"
+        if isinstance(raw, _FileRegion):
+            count = int(np.prod(shape, dtype=np.int64))
+            if raw.length != count * dtype.itemsize:
+                raise pickle.UnpicklingError(f"array of {shape} {dtype} stored in {raw.length} bytes")
+            self.array = np.memmap(self.path, dtype=dtype, mode="r", offset=raw.offset, shape=tuple(shape),
+                                   order=order)
+        else:
+            self.array = np.frombuffer(raw, dtype=dtype).reshape(shape, order=order).copy()
+
+
+class _MappingUnpickler(pickle._Unpickler):
+    """The restricted unpickler (pure Python, so that opcodes can be overridden) that maps large array
+    payloads from the file: a loader then copies only this rank's slice, a chunk at a time, and a
+    300 GB checkpoint is never held twice."""
+
+    def __init__(self, file, path: Path):
+        super().__init__(file)
+        self._raw, self._path = file, path
+        self.dispatch = {**pickle._Unpickler.dispatch, pickle.BINBYTES8[0]: _MappingUnpickler._binbytes8,
+                         pickle.BINBYTES[0]: _MappingUnpickler._binbytes}
+
+    def find_class(self, module: str, name: str):
+        cls = _find_allowed(module, name)
+        if cls is _numpy_reconstruct():
+            return lambda *_: _PendingArray(self._path)
+        return cls
+
+    def _bytes(self, length: int) -> None:
+        if length < MAP_THRESHOLD or self._unframer.current_frame is not None:
+            self.append(self.read(length))
+            return
+        offset = self._raw.tell()
+        self._raw.seek(length, io.SEEK_CUR)
+        self.append(_FileRegion(offset, length))
+
+    def _binbytes8(self) -> None:
+        self._bytes(struct.unpack("<Q", self.read(8))[0])
+
+    def _binbytes(self) -> None:
+        self._bytes(struct.unpack("<I", self.read(4))[0])
+
+
+def _resolved(value):
+    if isinstance(value, _PendingArray):
+        return value.array
+    if isinstance(value, QuantizedWeight8bit):
+        value.weight, value.scales = _resolved(value.weight), _resolved(value.scales)
+    return value
+
+
+def drop_mapped_pages(array: np.ndarray) -> None:
+    """Unmaps the pages of a file-mapped array that this process touched (they stay in the page
+    cache): copying a mapped tensor chunk by chunk then keeps one chunk resident, not the tensor."""
+    base = array
+    while base is not None and not isinstance(base, np.memmap):
+        base = base.base
+    handle = getattr(base, "_mmap", None)
+    if isinstance(handle, mmap.mmap) and hasattr(handle, "madvise"):
+        handle.madvise(mmap.MADV_DONTNEED)
 
 
 def _check_array(value, path: Path, what: str) -> None:
@@ -85,11 +180,15 @@ def _check_array(value, path: Path, what: str) -> None:
         raise CheckpointError(f"{path}: {what} is {kind}, expected an int8/float32/bfloat16 array")
 
 
-def read_tensor(path: Path):
-    """One release file: a numpy array or a QuantizedWeight8bit, loaded without running foreign code."""
+def read_tensor(path: Path, mapped: bool = False):
+    """One release file: a numpy array or a QuantizedWeight8bit, loaded without running foreign code.
+    mapped: arrays of MAP_THRESHOLD bytes or more come back as read-only np.memmap views of the file."""
     try:
         with open(path, "rb") as f:
-            value = RestrictedUnpickler(io.BufferedReader(f, buffer_size=1 << 24)).load()
+            if mapped:
+                value = _resolved(_MappingUnpickler(f, Path(path)).load())
+            else:
+                value = RestrictedUnpickler(io.BufferedReader(f, buffer_size=1 << 24)).load()
     except FileNotFoundError:
         raise CheckpointError(f"{path}: missing checkpoint file") from None
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError,
