@@ -58,10 +58,14 @@ class Progress:
             return
         elapsed = max(1e-9, time.perf_counter() - self.started)
         rate = self.done / elapsed
-        left = "" if final else f", {max(0.0, (self.total - self.done) / max(rate, 1e-9)):.0f} s left"
-        print(f"{self.label}: {self.done / 1e9:.2f} / {self.total / 1e9:.2f} GB "
-              f"({min(1.0, self.done / self.total):.0%}), {rate / 1e9:.2f} GB/s{left}"
-              + (f", done in {elapsed:.1f} s" if final else ""), file=self.stream, flush=True)
+        if final:
+            # A rank of a parallel group reads only its share of the total.
+            print(f"{self.label}: {self.done / 1e9:.2f} GB at {rate / 1e9:.2f} GB/s, done in {elapsed:.1f} s",
+                  file=self.stream, flush=True)
+            return
+        left = max(0.0, (self.total - self.done) / max(rate, 1e-9))
+        print(f"{self.label}: {self.done / 1e9:.2f} / {self.total / 1e9:.2f} GB ({min(1.0, self.done / self.total):.0%}), "
+              f"{rate / 1e9:.2f} GB/s, {left:.0f} s left", file=self.stream, flush=True)
 
 
 def checkpoint_bytes(path: Path | None) -> int:
@@ -189,41 +193,61 @@ def _assign_linear(module: torch.nn.Module, weight: np.ndarray, s: torch.Tensor 
     dest_s.copy_(s)
 
 
-def iter_safetensors(path: Path, config: Grok1Config, shard: Shard) -> Iterator[tuple[str, object, Path, bool]]:
-    """Converted checkpoints: release names as keys, int8 scales under `name:scales`; mmap, rank slices."""
-    from safetensors import safe_open
+_SAFETENSORS_DTYPES = {"I8": np.int8, "U8": np.uint8, "F32": np.float32, "F16": np.float16,
+                       "BF16": ml_dtypes.bfloat16, "I32": np.int32, "I64": np.int64}
 
+
+def safetensors_arrays(file: Path) -> dict[str, np.ndarray]:
+    """Every tensor of a .safetensors file as a read-only np.memmap of its bytes (8-byte header
+    length, JSON header, then the data): slicing one reads only that slice, and assign copies it a
+    chunk at a time."""
+    with open(file, "rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        try:
+            header = json.loads(f.read(header_len))
+        except ValueError as exc:
+            raise CheckpointError(f"{file}: not a safetensors file ({exc})") from None
+    out = {}
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        if info.get("dtype") not in _SAFETENSORS_DTYPES:
+            raise CheckpointError(f"{file}: {key} has dtype {info.get('dtype')}, which Grok-1 never stores")
+        dtype, shape = np.dtype(_SAFETENSORS_DTYPES[info["dtype"]]), tuple(info["shape"])
+        begin, end = info["data_offsets"]
+        if end - begin != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize:
+            raise CheckpointError(f"{file}: {key} holds {end - begin} bytes for shape {shape} {dtype}")
+        out[key] = (np.memmap(file, dtype=dtype, mode="r", offset=8 + header_len + begin, shape=shape)
+                    if end > begin else np.zeros(shape, dtype))
+    return out
+
+
+def iter_safetensors(path: Path, config: Grok1Config, shard: Shard) -> Iterator[tuple[str, object, Path, bool]]:
+    """Converted checkpoints: release names as keys, int8 scales under `name:scales`; mapped, rank slices."""
     index_file = path / SAFETENSORS_INDEX
+    files = {}
     if index_file.exists():
         weight_map = json.loads(index_file.read_text())["weight_map"]
     else:
         weight_map = {}
         for file in sorted(path.glob("*.safetensors")):
-            with safe_open(file, "pt") as f:
-                weight_map.update({k: file.name for k in f.keys()})  # noqa: SIM118
+            files[file.name] = safetensors_arrays(file)
+            weight_map.update(dict.fromkeys(files[file.name], file.name))
     for name in release_format.param_names(config):
         if name not in weight_map:
             raise CheckpointError(f"{path}: {name} is missing from the safetensors checkpoint")
         file = path / weight_map[name]
-        with safe_open(file, "np") as f:
-            full_w = release_shape(name, config)[0]
-            split = target(name).split
-            weight = _read_slice(f, name, split, full_w, config, shard, False, file)
-            scales = None
-            if name + SCALES_SUFFIX in f.keys():  # noqa: SIM118 - safe_open is no mapping
-                shape = tuple(f.get_slice(name + SCALES_SUFFIX).get_shape())
-                scales = _read_slice(f, name + SCALES_SUFFIX, split, shape, config, shard, True, file)
-        yield name, (weight if scales is None else QuantizedWeight8bit(weight, scales)), file, shard.size > 1
-
-
-def _read_slice(f, key, split, full_shape, config, shard, is_scales, file) -> np.ndarray:
-    view = f.get_slice(key)
-    shape = tuple(view.get_shape())
-    if not is_scales and shape != tuple(full_shape):
-        raise CheckpointError(f"{file}: {key} has shape {shape}, expected {tuple(full_shape)}")
-    if shard.size == 1:
-        return f.get_tensor(key)
-    return view[shard_index(split, shape, config, shard, is_scales)]
+        if file.name not in files:
+            files[file.name] = safetensors_arrays(file)
+        arrays = files[file.name]
+        full_w, split = release_shape(name, config)[0], target(name).split
+        if tuple(arrays[name].shape) != tuple(full_w):
+            raise CheckpointError(f"{file}: {name} has shape {tuple(arrays[name].shape)}, expected {tuple(full_w)}")
+        weight = arrays[name][shard_index(split, full_w, config, shard, False)]
+        scales = arrays.get(name + SCALES_SUFFIX)
+        if scales is not None:
+            scales = scales[shard_index(split, scales.shape, config, shard, True)]
+        yield name, (weight if scales is None else QuantizedWeight8bit(weight, scales)), file, True
 
 
 def dummy_weights(config: Grok1Config, seed: int) -> Iterator[tuple[str, object, str, bool]]:
