@@ -30,6 +30,15 @@ class AttentionMetadata:
     def num_decode(self) -> int:
         return int(self.decode_block_tables.shape[0])
 
+    def to(self, device: torch.device) -> AttentionMetadata:
+        """The same metadata on the KV cache's device: one move per step, not one per layer."""
+        if self.slot_mapping.device == device:
+            return self
+        prefills = tuple(PrefillChunk(c.query_start, c.query_len, c.context_len, c.block_table.to(device))
+                         for c in self.prefills)
+        return AttentionMetadata(self.slot_mapping.to(device), self.decode_block_tables.to(device),
+                                 self.decode_context_lens.to(device), prefills)
+
     @classmethod
     def for_single_sequence(cls, start: int, num_tokens: int, block_table: torch.Tensor,
                             block_size: int) -> AttentionMetadata:

@@ -249,7 +249,11 @@ class Grok1(nn.Module):
                 kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata,
                 count_experts: bool = True) -> torch.Tensor:
         """input_ids, positions: [T]; returns the final hidden states [T, D] (before the output norm)."""
-        h = self.embed(input_ids)
+        device = self.in_out_embed.embeddings.device
+        if meta is not None:  # None: an embedder's own attention (the vLLM plugin) brings its metadata
+            meta = meta.to(device)
+        h = self.embed(input_ids.to(device))
+        positions = positions.to(device)
         k_cache, v_cache = kv_cache
         for i, layer in enumerate(self.decoder_layer):
             counts = self.expert_counts[i] if count_experts else None
@@ -283,7 +287,7 @@ class Grok1(nn.Module):
             meta = AttentionMetadata.for_single_sequence(start, end - start, table, block_size)
             hidden = self.forward(ids[start:end], torch.arange(start, end), kv, meta, count_experts=False)
             out.append(self.compute_logits(hidden))
-        return torch.cat(out).numpy()
+        return torch.cat(out).cpu().numpy()
 
     @torch.inference_mode()
     def generate(self, prompt_ids, max_tokens: int, temperature: float = 0.0, seed: int = 0,
@@ -311,7 +315,7 @@ class Grok1(nn.Module):
                 token = int(logits.argmax())
             else:
                 probs = torch.softmax(logits / temperature, dim=-1)
-                token = int(torch.multinomial(probs, 1, generator=generator))
+                token = int(torch.multinomial(probs.cpu(), 1, generator=generator))  # a CPU generator
             out.append(token)
             if token in stop_token_ids:
                 break

@@ -39,7 +39,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         tables = meta.decode_block_tables  # [B_d, M]
         k = k_cache[tables].flatten(1, 2)  # [B_d, M * S, K, Dh]
         v = v_cache[tables].flatten(1, 2)
-        span = torch.arange(k.shape[1])
+        span = torch.arange(k.shape[1], device=q.device)
         mask = (span[None, :] < meta.decode_context_lens[:, None])[:, None, :]  # [B_d, 1, M * S]
         out[:num_decode] = _attend(q[:num_decode, None], k, v, mask, multiplier, softcap)[:, 0]
     for chunk in meta.prefills:
@@ -47,7 +47,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         L = chunk.context_len
         k = k_cache[chunk.block_table].flatten(0, 1)[:L]  # [L, K, Dh]
         v = v_cache[chunk.block_table].flatten(0, 1)[:L]
-        query_pos = torch.arange(L - chunk.query_len, L)
-        mask = torch.arange(L)[None, :] <= query_pos[:, None]  # [Tq, L], causal
+        query_pos = torch.arange(L - chunk.query_len, L, device=q.device)
+        mask = torch.arange(L, device=q.device)[None, :] <= query_pos[:, None]  # [Tq, L], causal
         out[rows] = _attend(q[None, rows], k[None], v[None], mask[None], multiplier, softcap)[0]
     return out
