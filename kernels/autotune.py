@@ -145,20 +145,21 @@ def main(argv: list[str] | None = None) -> None:
     device_name = torch.cuda.get_device_name()
     for shape_name in args.shapes.split(","):
         shape = SHAPES[shape_name]
-        configs = {}
-        for kind in args.weights.split(","):
-            print(f"{shape_name} {kind} on {device_name}", flush=True)
-            configs[kind] = {b: tune_bucket(shape, WEIGHT_KINDS[kind], b, args.full, args.quick)
-                             for b in (int(v) for v in args.buckets.split(","))}
+        path = args.out_dir / config_file_name(shape["local"], shape["hidden"], shape["ffn"], device_name)
         header = {"shape": {"local_experts": shape["local"], "hidden": shape["hidden"], "ffn": shape["ffn"]},
                   "device": device_name, "tuned": True,
                   "note": f"python -m kernels.autotune, triton {triton.__version__}, torch {torch.__version__}, "
                           f"{time.strftime('%Y-%m-%d')}"}
-        path = args.out_dir / config_file_name(shape["local"], shape["hidden"], shape["ffn"], device_name)
-        path.write_text(format_config_file(header, configs))
-        json.loads(path.read_text())
+        configs: dict[str, dict[int, MoeTileConfig]] = {}
+        for kind in args.weights.split(","):
+            print(f"{shape_name} {kind} on {device_name}", flush=True)
+            for bucket in (int(v) for v in args.buckets.split(",")):
+                configs.setdefault(kind, {})[bucket] = tune_bucket(shape, WEIGHT_KINDS[kind], bucket, args.full,
+                                                                   args.quick)
+                # Written after every bucket: a run cut short keeps what it measured.
+                path.write_text(format_config_file(header, configs))
+                json.loads(path.read_text())
         print(f"wrote {path}", flush=True)
-
 
 if __name__ == "__main__":
     main()

@@ -3,7 +3,7 @@
 A file covers one shape (local experts, hidden, ffn) and maps, per weight kind (int8, bf16, fp32),
 token-count buckets to a MoeTileConfig; the bucket nearest the call's token count wins. A file
 whose name ends in a device name (written by `python -m kernels.autotune` on that GPU) beats the
-generic one. Shapes without a file get default_tile_config.
+generic one for the weight kinds it holds. Shapes without a file get default_tile_config.
 """
 from __future__ import annotations
 
@@ -99,16 +99,20 @@ def load_tile_configs(num_local_experts: int, hidden: int, ffn: int, device_name
                       config_dir: Path = CONFIG_DIR) -> dict[str, dict[int, MoeTileConfig]]:
     """Weight kind -> bucket -> config for this shape; empty without a file. Read once per process:
     on the hot path a layer must not parse JSON every step."""
-    names = [config_file_name(num_local_experts, hidden, ffn, device_name)] if device_name else []
-    names.append(config_file_name(num_local_experts, hidden, ffn))
+    names = [config_file_name(num_local_experts, hidden, ffn)]
+    if device_name:
+        names.append(config_file_name(num_local_experts, hidden, ffn, device_name))
+    merged: dict[str, dict[int, MoeTileConfig]] = {}
+    # The device's file over the generic one, weight kind by weight kind: a tuning run that covered
+    # only int8 leaves bf16 on the generic configs.
     for name in names:
         path = Path(config_dir) / name
         if path.exists():
             try:
-                return parse_config_file(json.loads(path.read_text()))
+                merged.update(parse_config_file(json.loads(path.read_text())))
             except (KeyError, TypeError, ValueError) as exc:
                 raise ValueError(f"{path}: bad tile config ({exc})") from None
-    return {}
+    return merged
 
 
 def default_tile_config(num_tokens: int, weight_dtype: torch.dtype) -> MoeTileConfig:

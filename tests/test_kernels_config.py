@@ -62,6 +62,13 @@ def test_nearest_bucket_wins(tmp_path):
     assert pick(7, device="NVIDIA H100 80GB HBM3") != small
     assert pick(7, device="NVIDIA H100 80GB HBM3") == tuned
     assert pick(7, device="Other GPU") == small
+    # ... for the weight kinds it holds: the rest keep the generic file's configs.
+    bf16 = MoeTileConfig(16, GemmTiles(128, 64), GemmTiles(128, 64))
+    tile_config.load_tile_configs.cache_clear()
+    (tmp_path / config_file_name(3, 96, 80)).write_text(
+        format_config_file(header, {"int8": {1: small, 512: large}, "bf16": {1: bf16}}))
+    assert pick(7, torch.bfloat16, device="NVIDIA H100 80GB HBM3") == bf16
+    assert pick(7, device="NVIDIA H100 80GB HBM3") == tuned
 
 
 def test_format_round_trips():
