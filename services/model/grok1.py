@@ -15,10 +15,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from kernels.dispatch import MOE_BACKENDS, ExpertWeights, dense_matmul, fused_moe
+from kernels.dispatch import MOE_BACKENDS, ExpertWeights, dense_matmul, fused_moe, pack_weight
 from services.model.attention_metadata import AttentionMetadata
 from services.model.config import Grok1Config
-from services.model.paged_attention import paged_attention, write_kv
+from services.model.paged_attention import AttentionWorkspace, paged_attention, write_kv
 from services.model.quant import dequantize
 from services.model.shard import Comm, Shard, SingleRank
 
@@ -45,12 +45,13 @@ class Linear(nn.Module):
         self.register_buffer("w", torch.zeros(in_size, out_size, dtype=torch.int8 if int8 else dtype))
         scales = torch.ones(row_blocks, out_size, dtype=torch.bfloat16) if int8 else None
         self.register_buffer("scales", scales)
+        self.packed: torch.Tensor | None = None  # `w` laid out for the CPU GEMM (Grok1.pack_for_cpu)
 
     def weight(self, dtype: torch.dtype) -> torch.Tensor:
         return self.w if self.scales is None else dequantize(self.w, self.scales, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return dense_matmul(x, self.weight(x.dtype))
+        return dense_matmul(x, self.weight(x.dtype), self.packed)
 
 
 class ExpertLinear(nn.Module):
@@ -63,6 +64,7 @@ class ExpertLinear(nn.Module):
                                               dtype=torch.int8 if int8 else dtype))
         scales = torch.ones(experts, row_blocks, out_size, dtype=torch.bfloat16) if int8 else None
         self.register_buffer("scales", scales)
+        self.packed: tuple[torch.Tensor, ...] | None = None  # per expert, see Grok1.pack_for_cpu
 
 
 class RotaryEmbedding(nn.Module):
@@ -101,7 +103,8 @@ class MultiHeadAttention(nn.Module):
         self.linear = Linear(q_size, d, dtype, int8, max(1, config.int8_row_blocks // shard.size))
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding,
-                k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+                k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+                workspace: AttentionWorkspace) -> torch.Tensor:
         T, K, Dh = x.shape[0], self.num_kv_heads, self.key_size
         q = rope(self.query(x).view(T, self.num_q_heads, Dh), positions)  # [T, Hq, Dh]
         k = rope(self.key(x).view(T, K, Dh), positions)  # [T, K, Dh]
@@ -109,7 +112,7 @@ class MultiHeadAttention(nn.Module):
         write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
         # kv-major grouping: q head h reads kv head h // G.
         q = q.view(T, K, self.num_q_heads // K, Dh)  # [T, K, G, Dh]
-        out = paged_attention(q, k_cache, v_cache, meta, self.multiplier, self.softcap)
+        out = paged_attention(q, k_cache, v_cache, meta, self.multiplier, self.softcap, workspace)
         return self.linear(out.reshape(T, self.num_q_heads * Dh))  # [T, D], partial sum over ranks
 
 
@@ -137,7 +140,8 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor, router_logits: torch.Tensor,
                 expert_counts: torch.Tensor | None) -> torch.Tensor:
         weights = ExpertWeights(self.linear_linear_v.w, self.linear_1.w,
-                                self.linear_linear_v.scales, self.linear_1.scales)
+                                self.linear_linear_v.scales, self.linear_1.scales,
+                                self.linear_linear_v.packed, self.linear_1.packed)
         return fused_moe(x, router_logits, weights, self.top_k, self.expert_map, expert_counts, self.backend)
 
 
@@ -161,8 +165,9 @@ class DecoderLayer(nn.Module):
 
     def forward(self, h: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding, comm: Comm,
                 k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
-                expert_counts: torch.Tensor | None) -> torch.Tensor:
-        attn = self.multi_head_attention(self.rms_norm(h, self.dtype), positions, rope, k_cache, v_cache, meta)
+                expert_counts: torch.Tensor | None, workspace: AttentionWorkspace) -> torch.Tensor:
+        attn = self.multi_head_attention(self.rms_norm(h, self.dtype), positions, rope, k_cache, v_cache, meta,
+                                         workspace)
         h = h + self.rms_norm_1(comm.all_reduce(attn), h.dtype)
         # The router reads the normed stream unrounded: near-tied top-2 choices are where bfloat16
         # runs part from the float32 reference.
@@ -204,6 +209,8 @@ class Grok1(nn.Module):
                                            for _ in range(config.num_layers))
         self.rms_norm = RMSNorm(config.emb_size, config.rms_norm_eps)
         self.rope = RotaryEmbedding(config.key_size, config.rope_base, config.max_seq_len)
+        self.attention_workspace = AttentionWorkspace()
+        self.packed_lm_head: torch.Tensor | None = None
         # Tokens routed to each (layer, expert), accumulated on the device; readers reset it.
         self.register_buffer("expert_counts", torch.zeros(config.num_layers, config.num_experts,
                                                           dtype=torch.int64), persistent=False)
@@ -218,6 +225,23 @@ class Grok1(nn.Module):
                 if linear.w.dtype != torch.int8:
                     linear.w = linear.w.transpose(1, 2).contiguous().transpose(1, 2)
 
+    def pack_for_cpu(self) -> None:
+        """Lays every float32 weight out once more for oneDNN's CPU GEMM (kernels.cpu_packing): the
+        attention projections, the experts and the tied LM head, used from 2 rows on. Single rows
+        read the originals, the attention projections re-stored [out, in] under their [in, out] view
+        as the experts are (store_experts_out_in). Names, shapes and every other path are unchanged;
+        float32 weights take twice their memory on CPU."""
+        for layer in self.decoder_layer:
+            attn = layer.multi_head_attention
+            for linear in (attn.query, attn.key, attn.value, attn.linear):
+                if linear.scales is None and pack_weight(linear.w[:1]) is not None:
+                    linear.w = linear.w.t().contiguous().t()
+                    linear.packed = pack_weight(linear.w)
+            for linear in (layer.moe.linear_linear_v, layer.moe.linear_1):
+                if linear.scales is None and linear.w.dtype == torch.float32 and linear.w.device.type == "cpu":
+                    linear.packed = tuple(pack_weight(w) for w in linear.w)
+        self.packed_lm_head = pack_weight(self.in_out_embed.embeddings.T)
+
     def use_moe_backend(self, backend: str) -> None:
         """Pins every MoE layer to one of kernels.dispatch.MOE_BACKENDS (default auto)."""
         if backend not in MOE_BACKENDS:
@@ -230,10 +254,10 @@ class Grok1(nn.Module):
         return self.config.num_kv_heads // self.shard.size
 
     def allocate_kv_cache(self, num_blocks: int, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        shape = (self.config.num_layers, num_blocks, block_size, self.num_kv_heads, self.config.key_size)
+        shape = (self.config.num_layers, self.num_kv_heads, num_blocks, block_size, self.config.key_size)
         device = self.in_out_embed.embeddings.device
         return (torch.zeros(shape, dtype=self.dtype, device=device),
-                torch.zeros(shape, dtype=self.dtype, device=device))  # K, V: [L, N, S, K, Dh]
+                torch.zeros(shape, dtype=self.dtype, device=device))  # K, V: [L, K, N, S, Dh]
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         table = self.in_out_embed.embeddings
@@ -257,13 +281,14 @@ class Grok1(nn.Module):
         k_cache, v_cache = kv_cache
         for i, layer in enumerate(self.decoder_layer):
             counts = self.expert_counts[i] if count_experts else None
-            h = layer(h, positions, self.rope, self.comm, k_cache[i], v_cache[i], meta, counts)
+            h = layer(h, positions, self.rope, self.comm, k_cache[i], v_cache[i], meta, counts,
+                      self.attention_workspace)
         return h
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [S, D] -> float32 logits [S, V] (tied output embedding, output multiplier)."""
         h = self.rms_norm(hidden, self.dtype)
-        local = dense_matmul(h, self.in_out_embed.embeddings.to(h.dtype).T)  # [S, V_l]
+        local = dense_matmul(h, self.in_out_embed.embeddings.to(h.dtype).T, self.packed_lm_head)  # [S, V_l]
         logits = self.comm.all_gather(local, dim=-1)
         return (logits * self.config.output_multiplier_scale).float()
 

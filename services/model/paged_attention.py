@@ -1,53 +1,103 @@
 """Grok-1 attention over a paged KV cache (torch; the CPU path and the reference for GPU kernels).
 
 Legend: T tokens in the step, K kv heads held here, G q heads per kv head, Dh head size,
-N blocks, S block size, B_d decode sequences, L context length.
+N blocks, S block size, B_d decode sequences, M blocks of the longest decode, L context length,
+Tq query rows of a prefill chunk.
 The reference's numerics: logits in float32, times attn_output_multiplier, soft-capped as
 cap * tanh(logits / cap), masked, float32 softmax, probabilities cast back to the activation dtype.
+
+The cache is head-major, [K, N, S, Dh] per layer: gathering a batch's blocks then gives [K, B, L, Dh]
+with each head's keys contiguous, which batched matmuls read as they are. With the token-major
+layout [N, S, K, Dh] the gathered keys needed a transposing copy, and a decode step of 32 sequences
+spent most of its attention time in those copies (docs/benchmarks.md).
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
 from services.model.attention_metadata import AttentionMetadata
 
+# Query rows of a prefill chunk attended at once: bounds the [K, G, rows, L] float32 logits to a
+# few MiB, so long prompts neither hold a huge temporary nor fault it in afresh for every layer.
+PREFILL_QUERY_ROWS = 256
+
+
+class AttentionWorkspace:
+    """Gather buffers reused by every layer and step. A fresh tensor of several MiB per layer would be
+    mapped and page-faulted anew each time (the allocator returns large blocks to the OS on free);
+    copying into memory already touched runs at copy bandwidth."""
+
+    def __init__(self):
+        self._buffers: dict[int, torch.Tensor] = {}
+
+    def take(self, slot: int, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        numel = math.prod(shape)
+        buf = self._buffers.get(slot)
+        if buf is None or buf.numel() < numel or buf.dtype != like.dtype or buf.device != like.device:
+            buf = self._buffers[slot] = torch.empty(numel, dtype=like.dtype, device=like.device)
+        return buf[:numel].view(shape)
+
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
-    # k_cache, v_cache: [N, S, K, Dh]; k, v: [T, K, Dh]
-    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k)
-    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v)
+    # k_cache, v_cache: [K, N, S, Dh]; k, v: [T, K, Dh]
+    heads, dh = k_cache.shape[0], k_cache.shape[-1]
+    k_cache.view(heads, -1, dh).index_copy_(1, slot_mapping, k.transpose(0, 1))
+    v_cache.view(heads, -1, dh).index_copy_(1, slot_mapping, v.transpose(0, 1))
+
+
+def _gather(cache: torch.Tensor, blocks: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """cache [K, N, S, Dh], blocks [b] -> out [K, b, S, Dh] (the blocks' rows, per head)."""
+    heads, n, s, dh = cache.shape
+    return torch.index_select(cache.view(heads, n, s * dh), 1, blocks, out=out.view(heads, -1, s * dh))
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
             multiplier: float, softcap: float) -> torch.Tensor:
-    # q: [B, Tq, K, G, Dh]; k, v: [B, L, K, Dh]; mask: [B, Tq, L] (True = may attend)
-    logits = torch.einsum("btkgd,blkd->bkgtl", q.float(), k.float()) * multiplier  # [B, K, G, Tq, L]
-    logits = softcap * torch.tanh(logits / softcap)
+    # q: [K, B, Tq, Dh] (B batches of Tq rows; a kv head's G q heads are folded into Tq);
+    # k, v: [K, B, L, Dh]; mask: broadcastable to [K, B, Tq, L] (True = may attend)
+    logits = torch.matmul(q.float(), k.float().transpose(-1, -2)).mul_(multiplier)  # [K, B, Tq, L]
+    logits = torch.tanh(logits.div_(softcap)).mul_(softcap)
     # The reference masks with -1e30 rather than -inf: identical once exponentiated, and never NaN.
-    logits = logits.masked_fill(~mask[:, None, None], -1e30)
+    logits.masked_fill_(~mask, -1e30)
     probs = torch.softmax(logits, dim=-1).to(v.dtype)
-    return torch.einsum("bkgtl,blkd->btkgd", probs, v)  # [B, Tq, K, G, Dh]
+    return torch.matmul(probs, v)  # [K, B, Tq, Dh]
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    meta: AttentionMetadata, multiplier: float, softcap: float) -> torch.Tensor:
+                    meta: AttentionMetadata, multiplier: float, softcap: float,
+                    workspace: AttentionWorkspace | None = None) -> torch.Tensor:
     """q: [T, K, G, Dh], the step's keys and values already written to the cache. Returns [T, K, G, Dh]."""
+    workspace = workspace or AttentionWorkspace()
     out = torch.empty_like(q)
+    heads, _, block_size, dh = k_cache.shape
+    groups = q.shape[2]
     num_decode = meta.num_decode
     if num_decode:
         tables = meta.decode_block_tables  # [B_d, M]
-        k = k_cache[tables].flatten(1, 2)  # [B_d, M * S, K, Dh]
-        v = v_cache[tables].flatten(1, 2)
-        span = torch.arange(k.shape[1], device=q.device)
-        mask = (span[None, :] < meta.decode_context_lens[:, None])[:, None, :]  # [B_d, 1, M * S]
-        out[:num_decode] = _attend(q[:num_decode, None], k, v, mask, multiplier, softcap)[:, 0]
+        width = tables.shape[1] * block_size
+        shape = (heads, num_decode, width, dh)
+        k = _gather(k_cache, tables.reshape(-1), workspace.take(0, shape, k_cache)).view(shape)
+        v = _gather(v_cache, tables.reshape(-1), workspace.take(1, shape, v_cache)).view(shape)
+        mask = torch.arange(width, device=q.device)[None, :] < meta.decode_context_lens[:, None]  # [B_d, M*S]
+        qd = q[:num_decode].permute(1, 0, 2, 3)  # [K, B_d, G, Dh]
+        out[:num_decode] = _attend(qd, k, v, mask[None, :, None, :], multiplier, softcap).permute(1, 0, 2, 3)
     for chunk in meta.prefills:
-        rows = slice(chunk.query_start, chunk.query_start + chunk.query_len)
         L = chunk.context_len
-        k = k_cache[chunk.block_table].flatten(0, 1)[:L]  # [L, K, Dh]
-        v = v_cache[chunk.block_table].flatten(0, 1)[:L]
-        query_pos = torch.arange(L - chunk.query_len, L, device=q.device)
-        mask = torch.arange(L, device=q.device)[None, :] <= query_pos[:, None]  # [Tq, L], causal
-        out[rows] = _attend(q[None, rows], k[None], v[None], mask[None], multiplier, softcap)[0]
+        blocks = chunk.block_table
+        shape = (heads, 1, blocks.shape[0] * block_size, dh)
+        k = _gather(k_cache, blocks, workspace.take(0, shape, k_cache)).view(shape)[:, :, :L]  # [K, 1, L, Dh]
+        v = _gather(v_cache, blocks, workspace.take(1, shape, v_cache)).view(shape)[:, :, :L]
+        keys = torch.arange(L, device=q.device)
+        for r0 in range(0, chunk.query_len, PREFILL_QUERY_ROWS):
+            r1 = min(chunk.query_len, r0 + PREFILL_QUERY_ROWS)
+            rows = slice(chunk.query_start + r0, chunk.query_start + r1)
+            query_pos = torch.arange(L - chunk.query_len + r0, L - chunk.query_len + r1, device=q.device)
+            mask = keys[None, :] <= query_pos[:, None]  # [rows, L], causal
+            qp = q[rows].permute(1, 2, 0, 3).reshape(heads, 1, groups * (r1 - r0), dh)  # [K, 1, G*rows, Dh]
+            mask = mask.repeat(groups, 1)  # [G*rows, L], rows of each q head in turn
+            att = _attend(qp, k, v, mask, multiplier, softcap)  # [K, 1, G*rows, Dh]
+            out[rows] = att.view(heads, groups, r1 - r0, dh).permute(2, 0, 1, 3)
     return out
