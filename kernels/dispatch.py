@@ -4,9 +4,10 @@ from __future__ import annotations
 import torch
 
 from .cpu_moe import float32_mm, fused_moe_cpu
+from .cpu_packing import pack_weight, packed_matmul
 from .expert_weights import ExpertWeights
 
-__all__ = ["MOE_BACKENDS", "ExpertWeights", "dense_matmul", "fused_moe"]
+__all__ = ["MOE_BACKENDS", "ExpertWeights", "dense_matmul", "fused_moe", "pack_weight"]
 
 # auto: Triton on CUDA, torch elsewhere. triton also runs CPU tensors under triton's interpreter,
 # which is how the golden tests exercise the GPU kernels on a machine without one.
@@ -36,10 +37,12 @@ def fused_moe(x: torch.Tensor, router_logits: torch.Tensor, experts: ExpertWeigh
     return fused_moe_cpu(x, router_logits, experts, top_k, expert_map, expert_counts_out)
 
 
-def dense_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+def dense_matmul(x: torch.Tensor, w: torch.Tensor, packed: torch.Tensor | None = None) -> torch.Tensor:
     """x [T, K] @ w [K, N] for the model's dense layers (attention projections, LM head). float32 on
     CPU goes to oneDNN like the experts: MKL's sgemm takes a generic path on AMD CPUs, and a decode
     step at batch 8 on cpu-bench ran 16 % faster this way (docs/benchmarks.md)."""
     if x.dtype == torch.float32 and w.dtype == torch.float32 and x.device.type == "cpu" and x.shape[0] > 0:
-        return float32_mm(x, w)
+        # `packed`: w laid out once for oneDNN (kernels.cpu_packing). A single row runs faster on the
+        # plain GEMV kernel, given [out, in] storage.
+        return float32_mm(x, w) if packed is None or x.shape[0] == 1 else packed_matmul(x, packed)
     return x @ w

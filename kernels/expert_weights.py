@@ -45,6 +45,10 @@ class ExpertWeights:
     w2: torch.Tensor  # [E, F, D]   linear_1
     w13_scales: torch.Tensor | None = None  # [E, R13, 2F] when w13 is int8
     w2_scales: torch.Tensor | None = None  # [E, R2, D] when w2 is int8
+    # float32 on CPU: each expert's w13 and w2 packed once for oneDNN (kernels.cpu_packing); the CPU
+    # path uses them instead of w13/w2, which stay the reference for every other path.
+    packed13: tuple[torch.Tensor, ...] | None = None
+    packed2: tuple[torch.Tensor, ...] | None = None
 
     def __post_init__(self) -> None:
         for name in ("w13", "w2"):

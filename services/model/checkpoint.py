@@ -338,4 +338,5 @@ def load_model(source: str | Path, dtype: str = "float32", *, load_format: str =
     model.source = str(source)
     if device.type == "cpu":
         model.store_experts_out_in()
+        model.pack_for_cpu()
     return model.to(device).eval()
