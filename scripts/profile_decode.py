@@ -19,7 +19,6 @@ import argparse
 import collections
 import json
 import random
-import statistics
 import time
 from contextlib import ExitStack
 
@@ -187,7 +186,7 @@ def main() -> None:
     print(f"{args.model} {args.dtype}, torch threads {torch.get_num_threads()}, "
           f"read bandwidth {bandwidth:.1f} GB/s (sum over 1 GiB, best of 5)")
     labels = list(rows[0]["parts_ms"])
-    print(f"| part (ms per decode step) | " + " | ".join(f"B={r['batch']}" for r in rows) + " |")
+    print("| part (ms per decode step) | " + " | ".join(f"B={r['batch']}" for r in rows) + " |")
     print("|---|" + "---|" * len(rows))
     for label in labels:
         print(f"| {label} | " + " | ".join(f"{r['parts_ms'][label]:.2f}" for r in rows) + " |")
