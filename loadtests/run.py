@@ -158,7 +158,7 @@ def start_ours(settings: dict[str, Any], out_dir: Path, timeout_s: float = 300) 
     max_queued_requests, ...)."""
     port = free_port()
     exe = Path(sys.executable).with_name("grok-serve")
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "services.gateway.launcher"]
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "services.cli"]
     cmd += ["up", "--host", "127.0.0.1", "--port", str(port)]
     for key, value in {"model": "tiny", **settings}.items():
         if value is not None:

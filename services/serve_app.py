@@ -28,12 +28,10 @@ from ray.exceptions import RayActorError, RayTaskError, TaskCancelledError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
 
-from services.engine.async_engine import AsyncEngine, EngineDeadError
+from services.engine.api import EngineDeadError, EngineUnavailableError, ModelInfo, QueueFullError
 from services.engine.outputs import RequestOutput
 from services.engine.sampling_params import SamplingParams
 from services.gateway.config import AppConfig, load_config
-from services.gateway.engine_client import LocalEngineClient, ModelInfo
-from services.gateway.errors import EngineUnavailableError, QueueFullError
 from services.gateway.openai_api import build_context, create_app
 from services.model.tokenizer import Tokenizer, load_tokenizer
 
@@ -43,13 +41,14 @@ _UNAVAILABLE = (RayActorError, DeploymentUnavailableError, ReplicaUnavailableErr
 
 
 def _translate(exc: Exception) -> Exception:
-    """Ray's failure types to the engine-client contract (ValueError / QueueFull / EngineDead)."""
+    """Ray's failure types to the engine contract's (services/engine/api.py): the one translation
+    between the gateway and the engine replicas."""
     if isinstance(exc, BackPressureError):
         return QueueFullError(f"the engine's request queue is full ({exc})", exc.retry_after_s)
     if isinstance(exc, RayTaskError):
         cause = exc.cause
-        if isinstance(cause, ValueError):
-            return ValueError(str(cause))
+        if isinstance(cause, ValueError):  # RequestRejected keeps its param and code across Ray
+            return cause
         if isinstance(cause, EngineDeadError):
             return EngineUnavailableError(str(cause))
         return RuntimeError(f"engine call failed: {cause!r}")
@@ -155,8 +154,8 @@ def _replica_id() -> str:
 
 @serve.deployment(name="GrokEngine")
 class EngineDeployment:
-    """One model instance. With parallel_size > 1 the deployment reserves a STRICT_PACK placement
-    group whose bundles hold the other ranks (see `build_application`); this process is rank 0."""
+    """One model instance. With engine.parallel_size > 1 the deployment reserves a STRICT_PACK placement
+    group whose bundles hold the other ranks (see `engine_options`); this process is rank 0."""
 
     def __init__(self, config: AppConfig):
         # torch and the model load here, not in the gateway.
@@ -165,6 +164,7 @@ class EngineDeployment:
 
             self._client = VllmEngineClient(config.engine, replica=_replica_id())
         else:
+            from services.engine.async_engine import AsyncEngine, LocalEngineClient
             from services.engine.engine import LLMEngine
 
             self._client = LocalEngineClient(AsyncEngine(LLMEngine(config.engine)), replica=_replica_id())
@@ -234,9 +234,10 @@ def engine_options(config: AppConfig) -> dict[str, Any]:
         options["autoscaling_config"] = d.autoscaling.to_serve()
     else:
         options["num_replicas"] = d.num_replicas
-    if d.parallel_size > 1:
+    ranks = config.engine.parallel_size
+    if ranks > 1:
         # Rank 0 runs in the replica (bundle 0); ranks 1.. are actors placed in the other bundles.
-        options["placement_group_bundles"] = [{"CPU": d.num_cpus, "GPU": d.num_gpus}] * d.parallel_size
+        options["placement_group_bundles"] = [{"CPU": d.num_cpus, "GPU": d.num_gpus}] * ranks
         options["placement_group_strategy"] = "STRICT_PACK"
     return options
 

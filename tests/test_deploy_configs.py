@@ -40,7 +40,7 @@ def cli_parser() -> argparse.ArgumentParser:
 def test_config_loads_like_grok_serve_up_and_serve_run(name):
     from ray.serve.deployment import Application
 
-    from services.gateway.launcher import config_from_args
+    from services.cli import config_from_args
     from services.serve_app import build_app
 
     path = DEPLOY / name
@@ -57,7 +57,7 @@ def test_gpu_config_layout(name):
     e, d = config.engine, config.engine_deployment
     assert e.device == "cuda" and e.dtype == "bfloat16"
     # One model instance over the node's 8 GPUs, one GPU per rank, placed together.
-    assert e.parallel_size == d.parallel_size == 8
+    assert e.parallel_size == 8 and d.parallel_size is None  # stated once, in the engine section
     assert d.num_gpus == 1
     grok = PRESETS["grok-1"]
     assert grok.num_kv_heads % e.parallel_size == 0 and grok.num_experts % e.parallel_size == 0
@@ -202,7 +202,7 @@ def test_dockerfile_commands_are_real_cli_commands():
     assert cmd[0] == "grok-serve"
     args = cli_parser().parse_args(cmd[1:])
     if getattr(args, "config", None):
-        from services.gateway.launcher import config_from_args
+        from services.cli import config_from_args
 
         assert (REPO / args.config).is_file() and args.config.startswith("deploy/")
         config = config_from_args(args)

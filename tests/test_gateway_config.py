@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from services.cli import add_up_parser, config_from_args
 from services.gateway.config import AppConfig, AutoscalingConfig, config_from_dict, load_config
-from services.gateway.launcher import add_up_parser, config_from_args
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy" / "local-cpu.yaml"
 
@@ -16,7 +16,7 @@ def test_the_local_cpu_file_is_the_defaults():
     config = load_config(DEPLOY)
     assert config.engine.model == "tiny" and config.host == "127.0.0.1" and config.port == 8000
     assert config.model_name == "tiny" and config.grpc_port is None
-    assert config.engine_deployment.parallel_size == 1 and config.engine_deployment.autoscaling is None
+    assert config.engine.parallel_size == 1 and config.engine_deployment.autoscaling is None
     assert not config.auth.enabled and config.auth.open_health and config.auth.open_metrics
 
 
@@ -88,7 +88,8 @@ def test_up_flags_override_the_file():
 
 def test_deployment_options():
     serve_app = pytest.importorskip("services.serve_app")
-    config = load_config(DEPLOY, {"engine_deployment": {"parallel_size": 2, "num_gpus": 1, "max_queued_requests": 3,
+    config = load_config(DEPLOY, {"engine": {"parallel_size": 2},
+                                  "engine_deployment": {"num_gpus": 1, "max_queued_requests": 3,
                                                         "autoscaling": {"min_replicas": 1, "max_replicas": 4,
                                                                         "target_ongoing_requests": 8}}})
     options = serve_app.engine_options(config)

@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 def test_up_serves_until_sigterm_and_lets_streams_finish():
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    command = [sys.executable, "-m", "services.gateway.launcher", "up", "--port", str(port),
+    command = [sys.executable, "-m", "services.cli", "up", "--port", str(port),
                "--max-model-len", "512", "--kv-cache-memory-bytes", str(16 << 20), "--engine-num-cpus", "0.5"]
     # A session of its own: the signal reaches only the launcher, as a service manager would send it.
     proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,

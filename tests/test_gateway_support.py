@@ -15,12 +15,11 @@ import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 from typing_extensions import Self
 
-from services.engine.async_engine import AsyncEngine
+from services.engine.async_engine import AsyncEngine, LocalEngineClient
 from services.engine.config import EngineConfig
 from services.engine.engine import LLMEngine
 from services.gateway.auth import ApiKeys
 from services.gateway.config import AppConfig
-from services.gateway.engine_client import LocalEngineClient
 from services.gateway.openai_api import build_context, create_app
 
 REFERENCE_TINY = Path(__file__).resolve().parents[1] / ".." / "shared" / "grok1-reference" / "tiny"

@@ -11,11 +11,10 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from services.engine.async_engine import AsyncEngine, EngineDeadError
+from services.engine.api import EngineDeadError, EngineUnavailableError, QueueFullError, StreamingEngineClient
+from services.engine.async_engine import AsyncEngine, LocalEngineClient
 from services.engine.config import EngineConfig
 from services.engine.engine import LLMEngine
-from services.gateway.engine_client import LocalEngineClient, StreamingEngineClient
-from services.gateway.errors import EngineUnavailableError, QueueFullError
 from services.gateway.grpc_server import GENERATION_SERVICE, RETRY_PUSHBACK_KEY, build_grpc_server
 from services.gateway.proto import grok_serve_pb2 as pb
 from services.gateway.proto import grok_serve_pb2_grpc as pb_grpc

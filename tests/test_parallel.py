@@ -197,10 +197,10 @@ def test_group_greedy_tokens_through_the_engine(engine2, golden):
     assert len(stats.rank_expert_tokens) == 2
     assert sum(stats.rank_expert_tokens) == sum(map(sum, stats.expert_tokens)) > 0
     # ... and Prometheus sees the same numbers.
-    from services.gateway.metrics import GatewayMetrics, engine_snapshot
+    from services.gateway.metrics import GatewayMetrics
 
     metrics = GatewayMetrics("m")
-    metrics.fold(engine_snapshot(engine2, "r0"))
+    metrics.fold(engine2.metrics_snapshot("r0"))
     text = metrics.render().decode()
     for rank, routes in enumerate(stats.rank_expert_tokens):
         assert f'grok_serve:rank_expert_tokens_total{{model_name="m",rank="{rank}"}} {float(routes)}' in text
@@ -220,7 +220,7 @@ def test_each_rank_loads_less_than_one_rank(engine2):
 
 
 def _measure(source, size, rank):
-    from services.engine.worker import measure_load
+    from tests.load_probe import measure_load
 
     return measure_load(source, size, rank)
 
@@ -294,7 +294,7 @@ def test_worker_error_reaches_rank0_at_once(ray_session):
         inputs = StepInputs(torch.tensor([5, 7]), torch.arange(2), meta, torch.tensor([1]))
         # Cache 7 was never allocated: rank 1 raises before its first collective, rank 0 is inside one.
         with pytest.raises(ParallelGroupError, match="KeyError"):
-            runner._run(7, inputs, runner.kv_cache, count_experts=False)
+            runner._run(7, inputs, count_experts=False)
         with pytest.raises(ParallelGroupError):
             engine.runner.score([5, 7])  # the group stays failed
     finally:

@@ -140,9 +140,8 @@ def gateway_answers(tiny_reference, golden_f32, tmp_path_factory) -> tuple[list[
     the release pickles)."""
     import asyncio
 
-    from services.engine.async_engine import AsyncEngine
+    from services.engine.async_engine import AsyncEngine, LocalEngineClient
     from services.engine.engine import LLMEngine
-    from services.gateway.engine_client import LocalEngineClient
     from services.model.convert import convert_release
     from tests.vllm_gateway_run import answer, gateway_config
 

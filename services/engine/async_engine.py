@@ -1,8 +1,10 @@
-"""The engine behind an asyncio API: `generate` streams a request's outputs, `abort` cancels it.
+"""The engine behind an asyncio API: `generate` streams a request's outputs, `abort` cancels it; and
+`LocalEngineClient`, the engine client (services/engine/api.py) over it in this process.
 
 One background task drives the loop; each step runs in a worker thread so the event loop keeps
 serving. New requests and aborts are queued and applied by that thread between steps, so the engine
-is only ever touched from one thread at a time. The loop sleeps while there is nothing to do.
+is only ever touched from one thread at a time. The loop sleeps while there is nothing to do. A loop
+that fails fails every request with `EngineDeadError` until the engine is replaced.
 """
 from __future__ import annotations
 
@@ -11,14 +13,13 @@ import collections
 import threading
 from collections.abc import AsyncIterator
 from collections.abc import Sequence as Seq
+from typing import Any
 
+from services.engine.api import EngineDeadError, ModelInfo
 from services.engine.engine import LLMEngine
 from services.engine.outputs import RequestOutput
 from services.engine.sampling_params import SamplingParams
-
-
-class EngineDeadError(RuntimeError):
-    """The step loop failed; in-flight and new requests fail with this until the engine is replaced."""
+from services.model.tokenizer import Tokenizer
 
 
 class AsyncEngine:
@@ -138,3 +139,45 @@ class AsyncEngine:
                 await self._task
             except asyncio.CancelledError:
                 pass
+
+
+class LocalEngineClient:
+    """An `AsyncEngine` in this process (the engine replica itself, and tests) as an `EngineClient`."""
+
+    def __init__(self, engine: AsyncEngine, replica: str = "local"):
+        self.engine = engine
+        self.replica = replica
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self.engine.engine.tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.engine.max_model_len
+
+    @property
+    def model_info(self) -> ModelInfo:
+        return self.engine.engine.model_info
+
+    @property
+    def is_healthy(self) -> bool:
+        return self.engine.is_healthy
+
+    def generate(self, prompt_ids: Seq[int], params: SamplingParams,
+                 request_id: str) -> AsyncIterator[RequestOutput]:
+        return self.engine.generate(prompt_ids, params, request_id)
+
+    async def abort(self, request_id: str) -> None:
+        await self.engine.abort(request_id)
+
+    async def check_health(self) -> None:
+        if not self.engine.is_healthy:
+            raise EngineDeadError(f"the engine stopped: {self.engine.error!r}")
+
+    async def metrics_snapshot(self) -> dict[str, Any]:
+        # The step thread mutates the statistics: read them between steps.
+        return await asyncio.to_thread(self.engine.read, lambda engine: engine.metrics_snapshot(self.replica))
+
+    async def shutdown(self) -> None:
+        await self.engine.shutdown()

@@ -1,12 +1,15 @@
-"""Engine configuration: one frozen dataclass, validated where it is made."""
+"""Engine configuration: one frozen dataclass, validated where it is made. No torch: the gateway
+reads it too (the application's configuration holds one)."""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
-from services.model.checkpoint import LOAD_FORMATS, TORCH_DTYPES
+from services.config_checks import non_negative_number, positive_int
 
 ENGINE_BACKENDS = ("native", "vllm")
+# The names services.model.checkpoint.load_model accepts (tests/test_engine_api.py keeps them equal).
+DTYPES = ("float32", "bfloat16", "float16")
+LOAD_FORMATS = ("auto", "release", "safetensors", "hf", "dummy")
 
 
 @dataclass(frozen=True)
@@ -31,28 +34,20 @@ class EngineConfig:
     backend: str = "native"
 
     def __post_init__(self) -> None:
-        if self.dtype not in TORCH_DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(TORCH_DTYPES)}, got {self.dtype!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.load_format not in LOAD_FORMATS:
             raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {self.load_format!r}")
         for name in ("block_size", "kv_cache_memory_bytes", "max_num_seqs", "max_num_batched_tokens",
                      "parallel_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"EngineConfig.{name} must be a positive integer, got {value!r}")
+            positive_int("engine", name, getattr(self, name))
         for name in ("num_kv_blocks", "max_model_len"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
-                raise ValueError(f"EngineConfig.{name} must be a positive integer or None, got {value!r}")
+            positive_int("engine", name, getattr(self, name), allow_none=True)
         if self.backend not in ENGINE_BACKENDS:
             raise ValueError(f"EngineConfig.backend must be one of {ENGINE_BACKENDS}, got {self.backend!r}")
         if self.backend == "vllm" and self.parallel_size != 1:
             raise ValueError("EngineConfig.backend 'vllm' runs one rank per replica: parallel_size must be 1")
-        timeout = self.collective_timeout_s
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not (
-                math.isfinite(timeout) and timeout > 0):
-            raise ValueError(f"EngineConfig.collective_timeout_s must be a positive number of seconds, "
-                             f"got {timeout!r}")
+        non_negative_number("engine", "collective_timeout_s", self.collective_timeout_s, positive=True)
 
     def context_length(self, model_max_seq_len: int) -> int:
         """max_model_len as served: the configured one, never beyond the model's own context."""

@@ -1,4 +1,4 @@
-"""The synchronous engine core: requests in, one step at a time (schedule -> run -> postprocess)."""
+"""The synchronous engine core: requests in, one step at a time (schedule -> execute -> update -> emit)."""
 from __future__ import annotations
 
 import itertools
@@ -6,36 +6,24 @@ import time
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from services.engine.api import ModelInfo, RequestRejected, admit
 from services.engine.config import EngineConfig
 from services.engine.kv_cache import BlockManager, num_kv_blocks
 from services.engine.outputs import CompletionOutput, RequestOutput, Usage
 from services.engine.runner import ModelRunner
 from services.engine.sampler import Sampler
 from services.engine.sampling_params import SamplingParams
-from services.engine.scheduler import Scheduler, SchedulerConfig
+from services.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from services.engine.sequence import Sequence
 from services.engine.stats import EngineStats
 from services.engine.text_stream import TextStream
-from services.model import load_model
+from services.model.checkpoint import load_model
 from services.model.grok1 import Grok1
 from services.model.tokenizer import IncrementalDetokenizer, Tokenizer, load_tokenizer
-
-
-def check_request(prompt_token_ids: Seq[int], params: SamplingParams, vocab_size: int, max_model_len: int) -> None:
-    """Raise ValueError for a request no engine can serve: the same rules for every engine backend."""
-    n = len(prompt_token_ids)
-    if n == 0:
-        raise ValueError("the prompt is empty")
-    bad = next((t for t in prompt_token_ids if not 0 <= int(t) < vocab_size), None)
-    if bad is not None:
-        raise ValueError(f"prompt token id {bad} is outside the vocabulary [0, {vocab_size})")
-    wanted = n + (params.max_tokens or 1)
-    if wanted > max_model_len:
-        raise ValueError(f"this model's maximum context length is {max_model_len} tokens; the "
-                         f"request has {n} prompt tokens and asks for {params.max_tokens or 1} more")
 
 
 @dataclass
@@ -59,48 +47,68 @@ class LLMEngine:
     def __init__(self, config: EngineConfig, model: Grok1 | None = None,
                  tokenizer: Tokenizer | None = None):
         self.config = config
-        # --- model and runner (parallel groups: services/engine/parallel.py) ---
-        self.group = None
-        if config.parallel_size > 1:
-            if model is not None:
-                raise ValueError("with parallel_size > 1 every rank loads its own shard: pass no model")
-            from services.engine.parallel import ParallelGroup
-            self.group = ParallelGroup.start(config)  # ranks 1..N-1 as Ray actors; rank 0's shard here
-            self.model = self.group.model
+        self.group = self._start_group(model)
+        if self.group is not None:
+            self.model = self.group.model  # rank 0's shard
         else:
-            self.model = model if model is not None else load_model(
-                config.model, config.dtype, load_format=config.load_format, seed=config.seed,
-                device=config.device)
-        # --- end model ---
+            self.model = model if model is not None else self._load_model()
         mc = self.model.config
         model_dir = Path(config.model) if Path(config.model).is_dir() else None
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model_dir, mc.vocab_size)
         self.max_model_len = config.context_length(mc.max_seq_len)
-        num_blocks = config.num_kv_blocks or num_kv_blocks(
-            config.kv_cache_memory_bytes, num_layers=mc.num_layers, num_kv_heads=self.model.num_kv_heads,
-            head_size=mc.key_size, block_size=config.block_size,
-            dtype_bytes=torch.empty((), dtype=self.model.dtype).element_size())
+        self.model_info = ModelInfo(str(config.model), self.max_model_len, mc.vocab_size, mc.num_layers,
+                                    mc.num_experts, int(time.time()))
+        num_blocks = self._num_kv_blocks()
         self.block_manager = BlockManager(num_blocks, config.block_size,
                                           enable_prefix_caching=config.enable_prefix_caching)
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
                                                    self.max_model_len), self.block_manager)
         self.sampler = Sampler(seed=config.seed)
         self.stats = EngineStats(mc.num_layers, mc.num_experts)
-        # --- runner: after the stats, which a parallel runner feeds with collective time ---
-        if self.group is None:
-            self.runner = ModelRunner(self.model, num_blocks, config.block_size)
-        else:
-            from services.engine.parallel_runner import ParallelRunner
-            self.runner = ParallelRunner(self.group, num_blocks, config.block_size, self.stats)
-        # --- end runner ---
+        self.runner = self._make_runner(num_blocks)
         self._requests: dict[str, _Request] = {}
         self._seq_owner: dict[int, str] = {}
         self._seq_ids = itertools.count()
 
+    def _start_group(self, model: Grok1 | None):
+        """The parallel group (ranks 1..N-1 as Ray actors, rank 0 here), or None for one rank."""
+        if self.config.parallel_size == 1:
+            return None
+        if model is not None:
+            raise ValueError("with parallel_size > 1 every rank loads its own shard: pass no model")
+        from services.engine.parallel_runner import ParallelGroup
+
+        return ParallelGroup.start(self.config)
+
+    def _load_model(self) -> Grok1:
+        c = self.config
+        return load_model(c.model, c.dtype, load_format=c.load_format, seed=c.seed, device=c.device,
+                          expert_dtype=c.expert_dtype)
+
+    def _num_kv_blocks(self) -> int:
+        config, mc = self.config, self.model.config
+        if config.num_kv_blocks is not None:
+            return config.num_kv_blocks
+        return num_kv_blocks(config.kv_cache_memory_bytes, num_layers=mc.num_layers,
+                             num_kv_heads=self.model.num_kv_heads, head_size=mc.key_size,
+                             block_size=config.block_size,
+                             dtype_bytes=torch.empty((), dtype=self.model.dtype).element_size())
+
+    def _make_runner(self, num_blocks: int) -> ModelRunner:
+        if self.group is None:
+            return ModelRunner(self.model, num_blocks, self.config.block_size)
+        from services.engine.parallel_runner import ParallelRunner
+
+        # It feeds the statistics with each step's collective time.
+        return ParallelRunner(self.group, num_blocks, self.config.block_size, self.stats)
+
     # --- requests ----------------------------------------------------------------------------
     def validate(self, prompt_token_ids: Seq[int], params: SamplingParams) -> None:
-        """Raise ValueError for a request that can never be served (nothing is queued)."""
-        check_request(prompt_token_ids, params, self.model.config.vocab_size, self.max_model_len)
+        """Raise RequestRejected for a request that can never be served (nothing is queued)."""
+        rejection = admit(prompt_token_ids, params.max_tokens, vocab_size=self.model_info.vocab_size,
+                          max_model_len=self.max_model_len)
+        if rejection is not None:
+            raise RequestRejected(rejection)
 
     def add_request(self, request_id: str, prompt_token_ids: Seq[int], params: SamplingParams,
                     arrival_time: float | None = None) -> None:
@@ -144,20 +152,28 @@ class LLMEngine:
         if not scheduled.is_empty:
             logits = self.runner.execute(scheduled)
             forward_s = self.runner.last_forward_s
-            seqs = [s.seq for s in scheduled.sampled]
-            sampled = self.sampler.sample_sequences(logits, seqs)
-            want_logprobs = any(s.sampling_params.logprobs is not None for s in seqs)
-            self.scheduler.update(scheduled, sampled.token_ids,
-                                  sampled.logprobs if want_logprobs else None,
-                                  sampled.top_logprobs if want_logprobs else None)
-            touched |= {s.request_id for s in seqs}
+            touched |= self._update(scheduled, logits)
+        outputs = self._emit(touched)
+        self.stats.record_step(scheduled, self.model.expert_counts, forward_s,
+                               time.perf_counter() - started, self.block_manager)
+        return outputs
+
+    def _update(self, scheduled: SchedulerOutput, logits: torch.Tensor) -> set[str]:
+        """Sample the next tokens and hand them to the scheduler; returns the requests they belong to."""
+        seqs = [s.seq for s in scheduled.sampled]
+        sampled = self.sampler.sample_sequences(logits, seqs)
+        want_logprobs = any(s.sampling_params.logprobs is not None for s in seqs)
+        self.scheduler.update(scheduled, sampled.token_ids,
+                              sampled.logprobs if want_logprobs else None,
+                              sampled.top_logprobs if want_logprobs else None)
+        return {s.request_id for s in seqs}
+
+    def _emit(self, touched: set[str]) -> list[RequestOutput]:
         outputs = [out for rid in sorted(touched) if (out := self._postprocess(rid)) is not None]
         # Requests aborted between steps still owe their callers a final output.
         outputs += [out for rid in list(self._requests) if rid not in touched
                     and all(s.is_finished for s in self._requests[rid].seqs)
                     and (out := self._postprocess(rid)) is not None]
-        self.stats.record_step(scheduled, self.model.expert_counts, forward_s,
-                               time.perf_counter() - started, self.block_manager)
         return outputs
 
     def _postprocess(self, request_id: str) -> RequestOutput | None:
@@ -201,3 +217,27 @@ class LLMEngine:
         if first.first_token_time is not None:
             metrics["ttft_s"] = first.first_token_time - first.arrival_time
         return RequestOutput(request_id, request.prompt_token_ids, outputs, finished, usage, metrics)
+
+    # --- statistics ------------------------------------------------------------------------------
+    def metrics_snapshot(self, replica: str) -> dict[str, Any]:
+        """The snapshot services.engine.api.EngineClient.metrics_snapshot describes. Call it where no
+        step runs at the same time; it drains the histogram samples."""
+        stats, blocks = self.stats, self.block_manager
+        return {
+            "replica": replica,
+            "time": time.time(),
+            "counters": {
+                "preemptions": stats.preemptions, "prefix_cache_queries": blocks.prefix_cache_queries,
+                "prefix_cache_hits": blocks.prefix_cache_hits, "prompt_tokens": stats.prompt_tokens,
+                "generation_tokens": stats.generation_tokens, "aborts": stats.aborts,
+                "step_seconds": stats.step_s_total, "forward_seconds": stats.forward_s_total,
+                "collective_seconds": stats.collective_s_total,
+                "step_broadcast_seconds": stats.step_broadcast_s_total,
+            },
+            "rank_expert_tokens": list(stats.rank_expert_tokens),
+            "finished": dict(stats.finished_by_reason),
+            "gauges": {"running": self.scheduler.num_running, "waiting": self.scheduler.num_waiting,
+                       "kv_usage": blocks.usage},
+            "expert_tokens": [list(row) for row in stats.expert_tokens],
+            "samples": stats.drain(),
+        }

@@ -1,8 +1,9 @@
-"""A parallel group of N ranks serving one model instance (DESIGN.md, data flow 3 and 4).
+"""How the N ranks of a parallel group talk (DESIGN.md, data flow 3 and 4): joining, the model's
+collectives, and the commands rank 0 broadcasts.
 
-Rank 0 is the engine process; ranks 1..N-1 are Ray actors (services/engine/worker.py) in one STRICT_PACK
-placement group. The ranks share two torch.distributed backends, built without the process-wide default
-group so that several groups can live in one process:
+Rank 0 is the engine process; ranks 1..N-1 are Ray actors (services/engine/rank.py runs every rank;
+services/engine/parallel_runner.py starts the group). The ranks share two torch.distributed backends,
+built without the process-wide default group so that several groups can live in one process:
 - `data` (NCCL on CUDA, gloo on CPU) carries the model's collectives (TorchDistComm, timed per step);
 - `control` (always gloo, on the host) carries rank 0's step description: a fixed int64 header, then one
   flat int64 payload. Workers wait for the next header without a deadline (an idle engine is healthy);
@@ -17,16 +18,13 @@ from __future__ import annotations
 import contextlib
 import datetime
 import enum
-import os
 import socket
 import time
-import weakref
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from services.engine.config import EngineConfig
 from services.engine.runner import StepInputs
 from services.model.attention_metadata import AttentionMetadata, PrefillChunk
 
@@ -264,182 +262,3 @@ def join(rdv: Rendezvous, rank: int, device: torch.device, store: dist.Store | N
 
 def _seconds(s: float) -> datetime.timedelta:
     return datetime.timedelta(seconds=s)
-
-
-# --- the group, from rank 0 ------------------------------------------------------------------------
-def _ray():
-    import ray  # only the engine process of a parallel group needs Ray
-
-    return ray
-
-
-@dataclass(frozen=True)
-class Placement:
-    """Where the worker actors go: a placement group and the bundle of each rank."""
-
-    group: object  # ray.util.placement_group.PlacementGroup
-    owned: bool  # created here (removed at shutdown) rather than the replica's own
-    holder: object | None = None  # on GPU, an idle actor holding rank 0's bundle and reporting its GPU
-
-
-def place(size: int, use_gpu: bool, timeout_s: float) -> Placement:
-    """The current placement group when this process runs in one (a Serve replica that declared
-    `placement_group_bundles`: bundle 0 is its own), else a new STRICT_PACK one pinned to this node."""
-    ray = _ray()
-    from ray.util.placement_group import get_current_placement_group, placement_group
-
-    current = get_current_placement_group()
-    if current is not None:
-        if len(current.bundle_specs) < size:
-            raise ValueError(f"the replica's placement group has {len(current.bundle_specs)} bundles; a "
-                             f"parallel size of {size} needs one per rank")
-        return Placement(current, owned=False)
-    # Fractional CPUs: the ranks mostly wait on each other, and small hosts must still fit a group.
-    bundle = {"GPU": 1, "CPU": 1} if use_gpu else {"CPU": 0.25}
-    node = {f"node:{ray.util.get_node_ip_address()}": 0.001}  # rank 0 lives on this node
-    pg = placement_group([{**bundle, **node}] + [dict(bundle)] * (size - 1), strategy="STRICT_PACK")
-    try:
-        ray.get(pg.ready(), timeout=timeout_s)
-    except ray.exceptions.GetTimeoutError:
-        ray.util.remove_placement_group(pg)
-        raise ParallelGroupError(f"no node can hold {size} bundles of {bundle} (STRICT_PACK) within "
-                                 f"{timeout_s:.0f} s; free: {ray.available_resources()}") from None
-    holder = None
-    if use_gpu:
-        from services.engine.worker import BundleHolder
-        holder = _actor(BundleHolder, pg, 0).remote()
-    return Placement(pg, owned=True, holder=holder)
-
-
-def _actor(cls, pg, bundle: int):
-    """An actor class bound to one bundle, taking that bundle's CPUs and GPUs (whoever declared it)."""
-    ray = _ray()
-    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-    strategy = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=bundle)
-    spec = pg.bundle_specs[bundle]
-    # A second thread lets probes (pid, node_ip) answer while serve() occupies the first.
-    return ray.remote(cls).options(scheduling_strategy=strategy, max_restarts=0, max_concurrency=2,
-                                   num_cpus=spec.get("CPU", 0), num_gpus=spec.get("GPU", 0))
-
-
-class ParallelGroup:
-    """Rank 0's handle on the group: its model shard, the worker actors and the step channel."""
-
-    def __init__(self, rank0: RankGroup, model, workers: list, placement: Placement, load_reports: tuple,
-                 collective_timeout_s: float):
-        self.rank0, self.model, self.workers = rank0, model, workers
-        self.load_reports = load_reports  # one LoadReport per rank, rank 0 first
-        self.collective_timeout_s = collective_timeout_s
-        self.error: ParallelGroupError | None = None
-        self.placement = placement
-        self._loops: list = []
-        self._finalizer = weakref.finalize(self, _release, rank0, workers, placement)
-
-    @property
-    def size(self) -> int:
-        return self.rank0.size
-
-    @property
-    def comm(self) -> TorchDistComm:
-        return self.rank0.comm
-
-    @classmethod
-    def start(cls, config: EngineConfig) -> ParallelGroup:
-        """EngineConfig with parallel_size > 1 -> workers started, every rank's shard loaded."""
-        # worker.py imports this module, so it is imported here rather than at the top.
-        from services.engine.worker import RankSpec, RankWorker, load_shard
-
-        ray = _ray()
-        if not ray.is_initialized():
-            ray.init()
-        size, device = config.parallel_size, torch.device(config.device)
-        use_gpu = device.type == "cuda"
-        placement = place(size, use_gpu, timeout_s=120.0)
-        workers = [_actor(RankWorker, placement.group, rank).remote() for rank in range(1, size)]
-        rank0 = None
-        try:
-            # Actors that cannot even start fail here, before anyone waits on a rendezvous.
-            here = ray.util.get_node_ip_address()
-            ips = ray.get([w.node_ip.remote() for w in workers], timeout=300.0)
-            host = "127.0.0.1" if all(ip == here for ip in ips) else here
-            if placement.holder is not None and "CUDA_VISIBLE_DEVICES" not in os.environ:
-                device = torch.device("cuda", int(ray.get(placement.holder.gpu_id.remote())))
-            sock = listen_socket(host)
-            rdv = Rendezvous(host, sock.getsockname()[1], size, use_gpu, config.collective_timeout_s)
-            store = master_store(rdv, sock)  # owns the socket from here on
-            spec = RankSpec(rdv, config.model, config.dtype, config.load_format, config.seed,
-                            "cuda" if use_gpu else config.device)
-            setups = [w.setup.remote(spec, rank) for rank, w in enumerate(workers, start=1)]
-            rank0 = join(rdv, 0, device, store)
-            model, report0 = load_shard(spec, 0, rank0.comm, device)
-            reports = (report0, *ray.get(setups))
-        except BaseException:
-            _release(rank0, workers, placement)
-            raise
-        group = cls(rank0, model, workers, placement, reports, config.collective_timeout_s)
-        group._loops = [w.serve.remote() for w in workers]
-        return group
-
-    # --- commands --------------------------------------------------------------------------------
-    def send(self, command: Command, cache: int = 0, args: tuple[int, ...] = (),
-             payload: torch.Tensor | None = None) -> None:
-        if self.error is not None:
-            raise self.error
-        try:
-            self.rank0.channel.send(command, cache, args, payload)
-        except Exception as exc:
-            raise self.fail(exc) from exc
-
-    def broadcast_step(self, cache: int, inputs: StepInputs) -> None:
-        args, payload = encode_step(inputs)
-        self.send(Command.STEP, cache, args, payload)
-
-    def fail(self, cause: BaseException) -> ParallelGroupError:
-        """Rank 0's side of a failed step: close the connections (live workers leave their collectives at
-        once) and name what the workers reported."""
-        if self.error is not None:
-            return self.error
-        self.rank0.close()
-        ray = _ray()
-        done = []
-        if self._loops:
-            done, _ = ray.wait(self._loops, num_returns=len(self._loops),
-                               timeout=min(5.0, self.collective_timeout_s))
-        reasons = []
-        for rank, loop in enumerate(self._loops, start=1):
-            if loop not in done:
-                reasons.append(f"rank {rank}: no report (stalled or still unwinding)")
-                continue
-            try:
-                ray.get(loop)
-                reasons.append(f"rank {rank}: left its loop")
-            except Exception as exc:  # noqa: BLE001 - the worker's error is the diagnosis
-                error = exc.cause if isinstance(exc, ray.exceptions.RayTaskError) else exc  # unwrapped
-                reasons.append(f"rank {rank}: {type(error).__name__}: {str(error).splitlines()[0][:300]}")
-        self.error = ParallelGroupError(f"parallel group of {self.size} failed ({type(cause).__name__}: "
-                                        f"{str(cause)[:300]}); " + "; ".join(reasons))
-        return self.error
-
-    def shutdown(self) -> None:
-        """End the workers' loops (when they can still hear it) and release actors and placement group."""
-        if self.error is None and self._loops:
-            with contextlib.suppress(Exception):  # shutting down either way
-                self.rank0.channel.send(Command.SHUTDOWN)
-                _ray().get(self._loops, timeout=self.collective_timeout_s)
-            self.error = ParallelGroupError("the parallel group was shut down")
-        self._finalizer()
-
-
-def _release(rank0: RankGroup | None, workers: list, placement: Placement) -> None:
-    ray = _ray()
-    if rank0 is not None:
-        rank0.close()
-    if ray.is_initialized():
-        for actor in [*workers, placement.holder]:
-            if actor is not None:
-                with contextlib.suppress(Exception):  # already gone
-                    ray.kill(actor)
-        if placement.owned:
-            with contextlib.suppress(Exception):  # already gone
-                ray.util.remove_placement_group(placement.group)

@@ -28,9 +28,12 @@ class ModelRunner:
         self.model = model
         self.block_size = block_size
         self.num_blocks = num_blocks
-        self.kv_cache = model.allocate_kv_cache(num_blocks, block_size)
+        self.kv_cache = self._allocate_kv_cache(num_blocks, block_size)
         self.device = model.in_out_embed.embeddings.device
         self.last_forward_s = 0.0
+
+    def _allocate_kv_cache(self, num_blocks: int, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.model.allocate_kv_cache(num_blocks, block_size)
 
     def prepare(self, step: SchedulerOutput) -> StepInputs:
         bs = self.block_size

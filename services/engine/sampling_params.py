@@ -11,6 +11,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NoReturn
 
+from services.engine.api import Rejection, RequestRejected
+
 # Below this a temperature is treated as greedy: dividing logits by it would only amplify noise.
 GREEDY_TEMPERATURE = 1e-5
 MAX_LOGPROBS = 20
@@ -27,8 +29,8 @@ def _is_number(value: object) -> bool:
 
 
 def _reject(name: str, allowed: str, value: object) -> NoReturn:
-    # ValueError for a wrong type too: either way the client sent a bad field (HTTP 400).
-    raise ValueError(f"{name} must be {allowed}, got {value!r}")
+    # Rejected for a wrong type too: either way the client sent a bad field (HTTP 400).
+    raise RequestRejected(Rejection(f"{name} must be {allowed}, got {value!r}", param=name))
 
 
 def _check_number(name: str, value: object, allowed: str, ok: Callable[[float], bool]) -> None:

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
+from services.config_checks import positive_int
 from services.engine.kv_cache import BlockManager
 from services.engine.sequence import Sequence, SequenceStatus, TopLogprobs
 
@@ -40,9 +41,7 @@ class SchedulerConfig:
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"SchedulerConfig.{name} must be a positive integer, got {value!r}")
+            positive_int("SchedulerConfig", name, getattr(self, name))
         if self.max_num_batched_tokens < self.max_num_seqs:
             # Otherwise the running decodes alone could exceed the budget.
             raise ValueError(f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= "

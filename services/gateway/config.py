@@ -10,7 +10,6 @@ are converted to the field's type.
 from __future__ import annotations
 
 import dataclasses
-import math
 import types
 import typing
 from collections.abc import Mapping
@@ -20,27 +19,8 @@ from typing import Any, Union
 
 import yaml
 
+from services.config_checks import ConfigError, non_negative_number, positive_int
 from services.engine.config import EngineConfig
-
-
-class ConfigError(ValueError):
-    """An invalid option (wrong type or out of range); callers catch it as a ValueError."""
-
-
-def _positive_int(owner: str, name: str, value: object, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ConfigError(f"{owner}.{name} must be a positive integer{' or null' if allow_none else ''}, "
-                         f"got {value!r}")
-
-
-def _non_negative_number(owner: str, name: str, value: object, positive: bool = False) -> None:
-    ok = (not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
-          and (value > 0 if positive else value >= 0))
-    if not ok:
-        raise ConfigError(f"{owner}.{name} must be a {'positive' if positive else 'non-negative'} number, "
-                         f"got {value!r}")
 
 
 def _bool(owner: str, name: str, value: object) -> None:
@@ -93,7 +73,7 @@ class AutoscalingConfig:
         if isinstance(self.min_replicas, bool) or not isinstance(self.min_replicas, int) \
                 or self.min_replicas < 0:
             raise ConfigError(f"autoscaling.min_replicas must be an integer >= 0, got {self.min_replicas!r}")
-        _positive_int("autoscaling", "max_replicas", self.max_replicas)
+        positive_int("autoscaling", "max_replicas", self.max_replicas)
         if self.max_replicas < self.min_replicas:
             raise ConfigError(f"autoscaling.max_replicas ({self.max_replicas}) is below min_replicas "
                              f"({self.min_replicas})")
@@ -102,10 +82,10 @@ class AutoscalingConfig:
                                     or not self.min_replicas <= initial <= self.max_replicas):
             raise ConfigError(f"autoscaling.initial_replicas must be in [min_replicas, max_replicas], "
                               f"got {initial!r}")
-        _non_negative_number("autoscaling", "target_ongoing_requests", self.target_ongoing_requests,
+        non_negative_number("autoscaling", "target_ongoing_requests", self.target_ongoing_requests,
                              positive=True)
-        _non_negative_number("autoscaling", "upscale_delay_s", self.upscale_delay_s)
-        _non_negative_number("autoscaling", "downscale_delay_s", self.downscale_delay_s)
+        non_negative_number("autoscaling", "upscale_delay_s", self.upscale_delay_s)
+        non_negative_number("autoscaling", "downscale_delay_s", self.downscale_delay_s)
 
     def to_serve(self) -> dict[str, Any]:
         out = {"min_replicas": self.min_replicas, "max_replicas": self.max_replicas,
@@ -122,9 +102,10 @@ class EngineDeploymentConfig:
 
     num_replicas: int = 1  # ignored when autoscaling is set
     autoscaling: AutoscalingConfig | None = None
-    # Ranks of one model instance. 1: the replica process holds the whole model. Above 1 the
-    # deployment reserves a STRICT_PACK placement group of this many bundles for the ranks.
-    parallel_size: int = 1
+    # The ranks of one model instance are `engine.parallel_size`: above 1 the deployment reserves a
+    # STRICT_PACK placement group of that many bundles. Files written for older versions repeat it
+    # here; it is accepted when it agrees.
+    parallel_size: int | None = None
     num_cpus: float = 1.0  # per rank
     num_gpus: float = 0.0  # per rank
     # The engine batches continuously, so many requests are "ongoing" in one replica at once; beyond
@@ -138,17 +119,17 @@ class EngineDeploymentConfig:
 
     def __post_init__(self) -> None:
         owner = "engine_deployment"
-        _positive_int(owner, "num_replicas", self.num_replicas)
-        _positive_int(owner, "parallel_size", self.parallel_size)
-        _non_negative_number(owner, "num_cpus", self.num_cpus)
-        _non_negative_number(owner, "num_gpus", self.num_gpus)
-        _positive_int(owner, "max_ongoing_requests", self.max_ongoing_requests)
+        positive_int(owner, "num_replicas", self.num_replicas)
+        positive_int(owner, "parallel_size", self.parallel_size, allow_none=True)
+        non_negative_number(owner, "num_cpus", self.num_cpus)
+        non_negative_number(owner, "num_gpus", self.num_gpus)
+        positive_int(owner, "max_ongoing_requests", self.max_ongoing_requests)
         if isinstance(self.max_queued_requests, bool) or not isinstance(self.max_queued_requests, int) \
                 or not (self.max_queued_requests == -1 or self.max_queued_requests >= 1):
             raise ConfigError(f"{owner}.max_queued_requests must be -1 (unbounded) or a positive integer, "
                              f"got {self.max_queued_requests!r}")
         for name in ("graceful_shutdown_timeout_s", "health_check_period_s", "health_check_timeout_s"):
-            _non_negative_number(owner, name, getattr(self, name), positive=True)
+            non_negative_number(owner, name, getattr(self, name), positive=True)
         if self.autoscaling is not None and not isinstance(self.autoscaling, AutoscalingConfig):
             raise ConfigError(f"{owner}.autoscaling must be a mapping or null")
 
@@ -164,10 +145,10 @@ class GatewayDeploymentConfig:
 
     def __post_init__(self) -> None:
         owner = "gateway_deployment"
-        _positive_int(owner, "num_replicas", self.num_replicas)
-        _non_negative_number(owner, "num_cpus", self.num_cpus)
-        _positive_int(owner, "max_ongoing_requests", self.max_ongoing_requests)
-        _non_negative_number(owner, "graceful_shutdown_timeout_s", self.graceful_shutdown_timeout_s,
+        positive_int(owner, "num_replicas", self.num_replicas)
+        non_negative_number(owner, "num_cpus", self.num_cpus)
+        positive_int(owner, "max_ongoing_requests", self.max_ongoing_requests)
+        non_negative_number(owner, "graceful_shutdown_timeout_s", self.graceful_shutdown_timeout_s,
                              positive=True)
 
 
@@ -191,6 +172,10 @@ class AppConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.engine, EngineConfig):
             raise ConfigError("engine must be a mapping of engine options")
+        ranks = self.engine_deployment.parallel_size
+        if ranks is not None and ranks != self.engine.parallel_size:
+            raise ConfigError(f"engine_deployment.parallel_size ({ranks}) disagrees with engine.parallel_size "
+                              f"({self.engine.parallel_size}); set engine.parallel_size only")
         if self.served_model_name is not None and (not isinstance(self.served_model_name, str)
                                                    or not self.served_model_name.strip()):
             raise ConfigError(f"served_model_name must be a non-empty string or null, "
@@ -207,9 +192,9 @@ class AppConfig:
             raise ConfigError(f"host must be a non-empty string, got {self.host!r}")
         _port("app", "port", self.port)
         _port("app", "grpc_port", self.grpc_port, allow_none=True)
-        _positive_int("app", "max_body_bytes", self.max_body_bytes)
-        _positive_int("app", "retry_after_s", self.retry_after_s)
-        _non_negative_number("app", "engine_call_timeout_s", self.engine_call_timeout_s, positive=True)
+        positive_int("app", "max_body_bytes", self.max_body_bytes)
+        positive_int("app", "retry_after_s", self.retry_after_s)
+        non_negative_number("app", "engine_call_timeout_s", self.engine_call_timeout_s, positive=True)
 
     @property
     def model_name(self) -> str:

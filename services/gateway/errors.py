@@ -1,44 +1,24 @@
 """Every rejection as an OpenAI-style error: `{"error": {"message", "type", "param", "code"}}`.
 
-`ApiError` carries the HTTP status and body fields; the handlers installed by `install_error_handlers`
-turn it, FastAPI's validation errors, Starlette's HTTP errors (404 route, 405) and anything unexpected
-into that shape, so a client library always finds a message and the server keeps serving.
-
-The engine-side failures an engine client reports (`QueueFullError`, `EngineUnavailableError`) live here
-too: they are what the HTTP and gRPC front ends translate to 429 and 503.
+`ApiError` carries the HTTP status and body fields. `api_error` is the one translation of the engine
+contract's failures (services/engine/api.py) to HTTP, by their type; the handlers installed by
+`install_error_handlers` turn `ApiError`, FastAPI's validation errors, Starlette's HTTP errors (404
+route, 405) and anything unexpected into that shape, so a client library always finds a message and
+the server keeps serving.
 """
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from services.engine.async_engine import EngineDeadError
+from services.engine.api import EngineDeadError, QueueFullError, RequestRejected
 
 logger = logging.getLogger(__name__)
-
-# The sampling parameters whose ValueErrors name them first ("temperature must be ...").
-_PARAM_NAMES = frozenset({
-    "n", "temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty", "frequency_penalty",
-    "repetition_penalty", "max_tokens", "min_tokens", "stop", "stop_token_ids", "ignore_eos", "logprobs",
-    "skip_special_tokens",
-})
-
-
-class QueueFullError(RuntimeError):
-    """The engine cannot take another request now; the client should retry after `retry_after_s`."""
-
-    def __init__(self, message: str = "the engine's request queue is full",
-                 retry_after_s: float | None = None):
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
-
-
-class EngineUnavailableError(EngineDeadError):
-    """No engine replica can answer (dead, restarting, or not reachable in time)."""
 
 
 class ApiError(Exception):
@@ -89,32 +69,27 @@ def error_response(error: ApiError, headers: dict[str, str] | None = None) -> JS
     return JSONResponse(error.body(), status_code=error.status, headers={**error.headers, **(headers or {})})
 
 
-def param_of(exc: ValueError) -> str | None:
-    """The parameter a SamplingParams / engine ValueError is about, when its message names one."""
-    first = str(exc).split(" ", 1)[0]
-    return first if first in _PARAM_NAMES else None
-
-
-def bad_request(exc: ValueError, rename: dict[str, str] | None = None) -> BadRequestError:
-    """A 400 from a ValueError; `rename` maps engine parameter names to the request's (chat's
-    `top_logprobs` is the engine's `logprobs`)."""
-    param = param_of(exc)
-    if param is not None and rename:
-        param = rename.get(param, param)
-    message = str(exc)
-    code = "context_length_exceeded" if "maximum context length" in message else None
-    return BadRequestError(message, param=param, code=code)
-
-
-def queue_full(exc: QueueFullError, default_retry_s: int) -> RateLimitError:
-    retry = exc.retry_after_s if exc.retry_after_s is not None else default_retry_s
-    return RateLimitError(f"{exc}; retry later", code="queue_full",
-                          headers={"Retry-After": str(max(1, round(retry)))})
-
-
-def engine_unavailable(exc: BaseException, retry_s: int) -> ServiceUnavailableError:
-    return ServiceUnavailableError(f"the engine is not available: {exc}", code="engine_unavailable",
-                                   headers={"Retry-After": str(retry_s)})
+def api_error(exc: BaseException, retry_after_s: int, rename: Mapping[str, str] | None = None) -> ApiError:
+    """The HTTP error for a failure on the way to the engine; `rename` maps the engine's parameter
+    names to the request's (chat's `top_logprobs` is the engine's `logprobs`)."""
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, RequestRejected):
+        param = exc.param if exc.param is None or rename is None else rename.get(exc.param, exc.param)
+        return BadRequestError(str(exc), param=param, code=exc.code)
+    if isinstance(exc, ValueError):
+        return BadRequestError(str(exc))
+    if isinstance(exc, QueueFullError):
+        retry = exc.retry_after_s if exc.retry_after_s is not None else retry_after_s
+        return RateLimitError(f"{exc}; retry later", code="queue_full",
+                              headers={"Retry-After": str(max(1, round(retry)))})
+    if isinstance(exc, EngineDeadError):
+        return ServiceUnavailableError(f"the engine is not available: {exc}", code="engine_unavailable",
+                                       headers={"Retry-After": str(retry_after_s)})
+    logger.error("engine call failed", exc_info=exc)
+    error = ApiError("internal error while generating", code="internal_error")
+    error.status, error.type = 500, "server_error"
+    return error
 
 
 def _validation_message(errors: list[dict]) -> tuple[str, str | None]:

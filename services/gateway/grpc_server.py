@@ -1,8 +1,8 @@
 """The gRPC API (`grok_serve.v1.Generation`, proto/grok_serve.proto) with health and reflection.
 
-The servicer talks to the engine only through a `StreamingEngineClient` (engine_client.py), so the
-same code serves an in-process `AsyncEngine` (`LocalEngineClient`) and a Ray Serve deployment handle. Requests that can
-never be served are rejected before anything is queued; a call that ends early (cancelled, past its
+The servicer talks to the engine only through a `StreamingEngineClient` (services/engine/api.py), so
+the same code serves an in-process `AsyncEngine` (`LocalEngineClient`) and a Ray Serve deployment
+handle. Requests that can never be served are rejected (`admit`) before anything is queued; a call that ends early (cancelled, past its
 deadline, connection lost) aborts its request so the engine frees the KV blocks at once.
 """
 from __future__ import annotations
@@ -19,14 +19,12 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from services.engine.async_engine import EngineDeadError
+from services.engine.api import EngineDeadError, QueueFullError, RequestRejected, StreamingEngineClient, admit
 from services.engine.outputs import CompletionOutput, RequestOutput
 from services.engine.sampling_params import SamplingParams
-from services.gateway.engine_client import StreamingEngineClient
-from services.gateway.errors import QueueFullError
 from services.gateway.proto import grok_serve_pb2 as pb
 from services.gateway.proto import grok_serve_pb2_grpc as pb_grpc
-from services.model.tokenizer import Tokenizer, check_id
+from services.model.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -50,9 +48,10 @@ class _Rejected(Exception):
 
 
 def _status_of(exc: Exception, request_id: str | None) -> _Rejected:
+    """The one translation of the engine contract's failures (services/engine/api.py) to gRPC."""
     if isinstance(exc, _Rejected):
         return exc
-    if isinstance(exc, ValueError):
+    if isinstance(exc, ValueError):  # RequestRejected, and whatever else a client could not accept
         return _Rejected(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
     if isinstance(exc, QueueFullError):
         trailers = () if exc.retry_after_s is None else (
@@ -130,18 +129,12 @@ class GenerationServicer(pb_grpc.GenerationServicer):
     def _prompt_ids(self, request: pb.GenerateRequest) -> list[int]:
         kind = request.WhichOneof("prompt")
         if kind == "text":
-            ids = self._encode(request.text, request.add_bos)
-        elif kind == "token_ids":
+            return self._encode(request.text, request.add_bos)
+        if kind == "token_ids":
             if request.add_bos:
                 raise ValueError("add_bos applies to a text prompt only; put the BOS id in token_ids")
-            ids = list(request.token_ids.ids)
-            for token_id in ids:
-                check_id(token_id, self._tokenizer.vocab_size)
-        else:
-            raise ValueError("prompt: set either text or token_ids")
-        if not ids:
-            raise ValueError("the prompt is empty")
-        return ids
+            return list(request.token_ids.ids)
+        raise ValueError("prompt: set either text or token_ids")
 
     def _admit(self, request: pb.GenerateRequest, context) -> tuple[list[int], SamplingParams]:
         remaining = context.time_remaining()
@@ -149,12 +142,11 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             raise _Rejected(grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed before generation")
         prompt_ids = self._prompt_ids(request)
         params = sampling_params_from_proto(request.sampling_params)
-        # The engine checks this too, but a remote engine would only do so after queueing.
-        limit = self._client.max_model_len
-        wanted = params.max_tokens or 1
-        if len(prompt_ids) + wanted > limit:
-            raise ValueError(f"this model's maximum context length is {limit} tokens; the request has "
-                             f"{len(prompt_ids)} prompt tokens and asks for {wanted} more")
+        # The engine admits it too, but a remote engine would only do so after queueing.
+        rejection = admit(prompt_ids, params.max_tokens, vocab_size=self._tokenizer.vocab_size,
+                          max_model_len=self._client.max_model_len)
+        if rejection is not None:
+            raise RequestRejected(rejection)
         return prompt_ids, params
 
     # --- generation ------------------------------------------------------------------------------

@@ -1,8 +1,8 @@
 """Prometheus metrics: vLLM's set under the `grok_serve:` prefix, plus per-expert routing and disconnects.
 
-The engine replica owns the engine's numbers; `engine_snapshot` turns them into plain data (cumulative
-counters, current gauges, histogram samples drained since the last call). The gateway asks the engine
-for a snapshot on each scrape and folds it into its own registry (`GatewayMetrics`, one
+The engine replica owns the engine's numbers; its client's `metrics_snapshot` (services/engine/api.py)
+turns them into plain data (cumulative counters, current gauges, histogram samples drained since the
+last call). The gateway asks the engine for a snapshot on each scrape and folds it into its own registry (`GatewayMetrics`, one
 `CollectorRegistry` per app, never the process-global one), so a scrape of the HTTP port sees both
 the engine and the gateway. Counters are folded as deltas per engine replica, so a restarted replica
 (whose counters start again at 0) never makes an exported counter go down.
@@ -12,7 +12,6 @@ the engine and the gateway. Counters are folded as deltas per engine replica, so
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -120,29 +119,6 @@ _ENGINE_SAMPLES = {
     "prefill": "request_prefill_time_seconds", "decode": "request_decode_time_seconds",
     "tokens_per_step": "iteration_tokens_total",
 }
-
-
-def engine_snapshot(engine: Any, replica: str) -> dict[str, Any]:
-    """Plain data from an `LLMEngine` (call it where steps cannot run concurrently). Drains the
-    histogram samples: each sample is handed out once."""
-    stats = engine.stats
-    return {
-        "replica": replica,
-        "time": time.time(),
-        "counters": {
-            "preemptions": stats.preemptions, "prefix_cache_queries": engine.block_manager.prefix_cache_queries,
-            "prefix_cache_hits": engine.block_manager.prefix_cache_hits, "prompt_tokens": stats.prompt_tokens,
-            "generation_tokens": stats.generation_tokens, "aborts": stats.aborts,
-            "step_seconds": stats.step_s_total, "forward_seconds": stats.forward_s_total,
-            "collective_seconds": stats.collective_s_total, "step_broadcast_seconds": stats.step_broadcast_s_total,
-        },
-        "rank_expert_tokens": list(stats.rank_expert_tokens),
-        "finished": dict(stats.finished_by_reason),
-        "gauges": {"running": engine.scheduler.num_running, "waiting": engine.scheduler.num_waiting,
-                   "kv_usage": engine.block_manager.usage},
-        "expert_tokens": [list(row) for row in stats.expert_tokens],
-        "samples": stats.drain(),
-    }
 
 
 class GatewayMetrics:

@@ -57,7 +57,7 @@ class SamplingFields(_Request):
 
     def sampling_params(self, max_tokens: int, logprobs: int | None,
                         extra_stop: tuple[str, ...] = ()) -> SamplingParams:
-        """Raises ValueError naming the engine parameter (see errors.bad_request)."""
+        """Raises RequestRejected naming the engine parameter (services/engine/api.py)."""
         stop = self.stop if self.stop is not None else ()
         stop = (stop,) if isinstance(stop, str) else tuple(stop)
         given = {name: getattr(self, name) for name in (

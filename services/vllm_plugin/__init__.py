@@ -9,8 +9,9 @@ docs/vllm_plugin.md). Importing this package does not import vLLM; register() do
 """
 from __future__ import annotations
 
-ARCHITECTURE = "Grok1ForCausalLM"
-FORMAT = "grok1"  # both the config format and the load format the plugin registers
+from services.vllm_plugin.names import ARCHITECTURE, FORMAT
+
+__all__ = ["ARCHITECTURE", "FORMAT", "register"]
 
 
 def register() -> None:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from services.model.checkpoint import resolve_source
 from services.model.config import Grok1Config
-from services.vllm_plugin import ARCHITECTURE, FORMAT
+from services.vllm_plugin.names import ARCHITECTURE, FORMAT
 
 
 def hf_config_dict(config: Grok1Config) -> dict:

@@ -1,6 +1,6 @@
 """The engine client over vLLM's AsyncLLM running Grok-1 through the plugin (`engine.backend: vllm`).
 
-The gateway sees it exactly as the native engine (services.gateway.engine_client.EngineClient). vLLM
+The gateway sees it exactly as the native engine (services.engine.api.EngineClient). vLLM
 gets token ids and returns token ids: text, stop strings and EOS are handled here with the model's
 own tokenizer (vLLM cannot load SentencePiece), by the same TextStream as the native engine.
 """
@@ -13,16 +13,14 @@ from collections.abc import AsyncIterator
 from collections.abc import Sequence as Seq
 from typing import Any
 
-from services.engine.async_engine import EngineDeadError
+from services.engine.api import EngineDeadError, ModelInfo, RequestRejected, admit
 from services.engine.config import EngineConfig
-from services.engine.engine import check_request
 from services.engine.outputs import CompletionOutput, RequestOutput, Usage
 from services.engine.sampling_params import SamplingParams
 from services.engine.text_stream import TextStream
-from services.gateway.engine_client import ModelInfo
 from services.model.checkpoint import resolve_source
 from services.model.tokenizer import IncrementalDetokenizer, Tokenizer, load_tokenizer
-from services.vllm_plugin import FORMAT
+from services.vllm_plugin.names import FORMAT
 
 
 def vllm_sampling_params(params: SamplingParams, eos_token_id: int):
@@ -107,7 +105,10 @@ class VllmEngineClient:
         from vllm.inputs import TokensPrompt
         from vllm.v1.engine.exceptions import EngineDeadError as VllmEngineDeadError
 
-        check_request(prompt_ids, params, self._grok.vocab_size, self._max_model_len)
+        rejection = admit(prompt_ids, params.max_tokens, vocab_size=self._info.vocab_size,
+                          max_model_len=self._max_model_len)
+        if rejection is not None:
+            raise RequestRejected(rejection)
         if self.engine.errored:
             raise EngineDeadError(f"the vLLM engine stopped: {self.engine.dead_error!r}")
         prompt = [int(t) for t in prompt_ids]

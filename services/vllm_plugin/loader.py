@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from services.model.checkpoint import load_weights, resolve_source
-from services.vllm_plugin import FORMAT
+from services.vllm_plugin.names import FORMAT
 
 
 def register_loader() -> None:

@@ -12,9 +12,9 @@ import torch
 from torch import nn
 
 from services.model.grok1 import Grok1
-from services.vllm_plugin import FORMAT
 from services.vllm_plugin.attention import VllmMultiHeadAttention, padded_head_size
 from services.vllm_plugin.config_parser import grok1_config
+from services.vllm_plugin.names import FORMAT
 
 # Legend: T tokens in the step, D emb_size, V vocabulary.
 

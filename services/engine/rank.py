@@ -1,12 +1,12 @@
-"""Ranks 1..N-1 of a parallel group: a Ray actor that joins the group, loads its shard, then runs every
-step rank 0 broadcasts until told to stop (services/engine/parallel.py describes the protocol).
+"""One rank of a parallel group, the same class on every rank (in the spirit of nano-vllm's ModelRunner).
 
-Also what every rank shares: loading a shard with its memory measured, and the forward of one step.
+Rank 0, the engine process, calls `Rank.call(command, ...)`: the command is broadcast over the step
+channel and then run here. Ranks 1..N-1 are Ray actors of this class whose `loop` receives each
+command and runs the same method. services/engine/parallel.py carries the commands;
+services/engine/parallel_runner.py starts the group and drives rank 0.
 """
 from __future__ import annotations
 
-import concurrent.futures
-import multiprocessing
 import os
 import resource
 import time
@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
-from services.engine.parallel import Command, Rendezvous, decode_step, join
+from services.engine.parallel import Command, RankGroup, Rendezvous, decode_step, encode_step, join
 from services.engine.runner import StepInputs
-from services.model import load_model
+from services.model.checkpoint import load_model
 from services.model.grok1 import Grok1
 from services.model.shard import Comm, Shard
 
@@ -47,7 +47,7 @@ class PeakRss:
     """Growth of the resident set at its peak during a block: Linux's high-water mark is reset first
     (/proc/self/clear_refs), so earlier peaks of the process do not hide this one (elsewhere: the growth
     of getrusage's peak). Memory the process freed but still holds is reused without growing the
-    resident set, so figures to compare across layouts come from fresh processes (measure_load)."""
+    resident set, so figures to compare across layouts come from fresh processes."""
 
     def __enter__(self):
         try:
@@ -87,22 +87,6 @@ def load_shard(spec: RankSpec, rank: int, comm: Comm | None,
     return model, report
 
 
-def _measure_in_this_process(spec: RankSpec, rank: int) -> LoadReport:
-    import services.model.checkpoint  # noqa: F401 - imports are not part of what loading costs
-
-    return load_shard(spec, rank, None, torch.device(spec.device))[1]
-
-
-def measure_load(model: str, size: int, rank: int, dtype: str = "float32", load_format: str = "auto",
-                 seed: int = 0) -> LoadReport:
-    """Load one rank's shard in a fresh process (no group needed: loading never communicates)."""
-    rdv = Rendezvous("127.0.0.1", 0, size, False, 1.0)
-    spec = RankSpec(rdv, str(model), dtype, load_format, seed, "cpu")
-    context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as pool:
-        return pool.submit(_measure_in_this_process, spec, rank).result()
-
-
 @torch.inference_mode()
 def forward_logits(model: Grok1, kv_cache: tuple[torch.Tensor, torch.Tensor], inputs: StepInputs,
                    count_experts: bool) -> torch.Tensor:
@@ -113,13 +97,66 @@ def forward_logits(model: Grok1, kv_cache: tuple[torch.Tensor, torch.Tensor], in
     return model.compute_logits(hidden[inputs.sample_indices.to(device)])
 
 
-class RankWorker:
-    """A Ray actor (created by ParallelGroup.start) holding one rank."""
+class Rank:
+    """One rank's model shard and KV caches (by cache id), and the commands every rank runs alike."""
 
     def __init__(self):
-        self.group = None
+        self.group: RankGroup | None = None
         self.model: Grok1 | None = None
         self.caches: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def setup(self, spec: RankSpec, rank: int, store=None, device: torch.device | None = None) -> LoadReport:
+        """Join the group (rank 0 passes the master store and its device) and load this rank's shard."""
+        if device is None:
+            device = torch.device(spec.device)  # on CUDA: the one GPU Ray made visible to this actor
+        self.group = join(spec.rendezvous, rank, device, store)
+        self.model, report = load_shard(spec, rank, self.group.comm, device)
+        return report
+
+    # --- the commands ------------------------------------------------------------------------------
+    def alloc_kv(self, cache: int, num_blocks: int, block_size: int) -> None:
+        self.caches[cache] = self.model.allocate_kv_cache(num_blocks, block_size)
+
+    def free_kv(self, cache: int) -> None:
+        self.caches.pop(cache, None)
+
+    def step(self, cache: int, inputs: StepInputs, count_experts: bool) -> torch.Tensor:
+        return forward_logits(self.model, self.caches[cache], inputs, count_experts)
+
+    def run(self, command: Command, cache: int, args: tuple[int, ...], inputs: StepInputs | None,
+            count_experts: bool = False) -> torch.Tensor | None:
+        if command is Command.ALLOC_KV:
+            self.alloc_kv(cache, args[0], args[1])
+        elif command is Command.FREE_KV:
+            self.free_kv(cache)
+        elif command is Command.STEP:
+            return self.step(cache, inputs, count_experts)
+        return None
+
+    # --- rank 0 ------------------------------------------------------------------------------------
+    def call(self, command: Command, cache: int = 0, args: tuple[int, ...] = (),
+             inputs: StepInputs | None = None, count_experts: bool = False) -> torch.Tensor | None:
+        """Every rank runs the command; rank 0 returns its result (a step's logits)."""
+        payload = None
+        if inputs is not None:
+            args, payload = encode_step(inputs)
+        self.group.channel.send(command, cache, args, payload)
+        return self.run(command, cache, args, inputs, count_experts)
+
+    # --- ranks 1..N-1 ------------------------------------------------------------------------------
+    def loop(self) -> None:
+        """Returns on SHUTDOWN; raises (after closing its connections, so rank 0 hears at once) on failure."""
+        try:
+            while True:
+                command, cache, args, payload = self.group.channel.receive()
+                if command is Command.SHUTDOWN:
+                    return
+                inputs = decode_step(args, payload) if command is Command.STEP else None
+                # Rank 0 counts routed tokens for the whole group; the logits are its to sample.
+                self.run(command, cache, args, inputs, count_experts=False)
+        except BaseException:
+            self.group.close()
+            raise
 
     def node_ip(self) -> str:
         import ray
@@ -128,38 +165,3 @@ class RankWorker:
 
     def pid(self) -> int:
         return os.getpid()
-
-    def setup(self, spec: RankSpec, rank: int) -> LoadReport:
-        device = torch.device(spec.device)  # on CUDA: the one GPU Ray made visible to this actor
-        self.group = join(spec.rendezvous, rank, device)
-        self.model, report = load_shard(spec, rank, self.group.comm, device)
-        return report
-
-    def serve(self) -> None:
-        """Returns on SHUTDOWN; raises (after closing its connections, so rank 0 hears at once) on failure."""
-        try:
-            while True:
-                command, cache, args, payload = self.group.channel.receive()
-                if command is Command.SHUTDOWN:
-                    return
-                if command is Command.ALLOC_KV:
-                    self.caches[cache] = self.model.allocate_kv_cache(args[0], args[1])
-                elif command is Command.FREE_KV:
-                    self.caches.pop(cache, None)
-                else:
-                    # Rank 0 counts routed tokens for the whole group; the logits are its to sample.
-                    inputs = decode_step(args, payload)
-                    forward_logits(self.model, self.caches[cache], inputs, count_experts=False)
-        except BaseException:
-            self.group.close()
-            raise
-
-
-class BundleHolder:
-    """Holds rank 0's GPU bundle for an engine process that runs outside the placement group, and
-    says which GPU that bundle got."""
-
-    def gpu_id(self) -> int:
-        import ray
-
-        return int(ray.get_gpu_ids()[0])

@@ -1,0 +1,264 @@
+"""From engine requests to OpenAI answers: submitting a request's jobs, streaming their outputs as
+server-sent events or collecting them into one response, and cancelling them when the client leaves.
+
+Each job's first output is awaited before the answer starts (`start_jobs`), so a full queue (429), a
+dead engine (503) or an engine-side rejection (400) still gets its own status even for `stream: true`.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Mapping
+
+from fastapi import Request
+from fastapi.responses import Response, StreamingResponse
+
+from services.engine.outputs import RequestOutput
+from services.gateway import protocol as p
+from services.gateway.context import GatewayContext, GenerationJob
+from services.gateway.errors import ApiError, api_error
+from services.gateway.protocol import Choice, chat_logprobs, completion_logprobs
+
+logger = logging.getLogger(__name__)
+
+_DONE = "data: [DONE]\n\n"
+
+
+def gateway_error(ctx: GatewayContext, exc: BaseException, rename: Mapping[str, str] | None = None) -> ApiError:
+    return api_error(exc, ctx.config.retry_after_s, rename)
+
+
+async def _close(stream: AsyncIterator) -> None:
+    try:
+        await stream.aclose()  # type: ignore[attr-defined]
+    except Exception:
+        logger.debug("closing an engine stream failed", exc_info=True)
+
+
+Started = list[tuple[RequestOutput, AsyncIterator[RequestOutput]]]
+
+
+async def start_jobs(ctx: GatewayContext, jobs: list[GenerationJob], rename: Mapping[str, str] | None) -> Started:
+    """Submit every job and wait for each one's first output: rejections surface here, before any
+    byte of the answer is sent."""
+    async def open_one(job: GenerationJob):
+        stream = ctx.engine.generate(job.prompt_ids, job.params, job.engine_id)
+        try:
+            return await stream.__anext__(), stream
+        except BaseException:
+            await _close(stream)
+            raise
+
+    results = await asyncio.gather(*(open_one(job) for job in jobs), return_exceptions=True)
+    failed = [r for r in results if isinstance(r, BaseException)]
+    if failed:
+        for r in results:
+            if not isinstance(r, BaseException):
+                await _close(r[1])
+        if any(isinstance(r, asyncio.CancelledError) for r in failed):
+            raise asyncio.CancelledError()
+        raise gateway_error(ctx, failed[0], rename)
+    return results  # type: ignore[return-value]
+
+
+async def _outputs(started: Started) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """(job index, output) from all jobs as they come; closing this closes every engine stream."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index: int, first: RequestOutput, stream: AsyncIterator[RequestOutput]) -> None:
+        try:
+            queue.put_nowait((index, first, None))
+            if not first.finished:
+                async for out in stream:
+                    queue.put_nowait((index, out, None))
+        except Exception as exc:  # noqa: BLE001 - handed to the consumer
+            queue.put_nowait((index, None, exc))
+        finally:
+            await _close(stream)
+            queue.put_nowait((index, None, None))
+
+    tasks = [asyncio.ensure_future(pump(i, first, stream)) for i, (first, stream) in enumerate(started)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            index, out, exc = await queue.get()
+            if exc is not None:
+                raise exc
+            if out is None:
+                remaining -= 1
+            else:
+                yield index, out
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def until_disconnect(request: Request, work: Awaitable, ctx: GatewayContext,
+                            rename: Mapping[str, str] | None):
+    """Run `work` unless the client goes away first; then cancel it (which aborts the engine calls)."""
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    task, watch = asyncio.ensure_future(work), asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            ctx.metrics.disconnect()
+        watch.cancel()
+    if task.cancelled():
+        return Response(status_code=499)
+    try:
+        return task.result()
+    except Exception as exc:
+        raise gateway_error(ctx, exc, rename) from exc
+
+
+def _sse(chunk: p.BaseModel) -> str:
+    return f"data: {chunk.model_dump_json()}\n\n"
+
+
+def sse_stream(ctx: GatewayContext, events: AsyncIterator[str],
+                rename: Mapping[str, str] | None) -> StreamingResponse:
+    async def body() -> AsyncIterator[str]:
+        complete = False
+        try:
+            async for event in events:
+                yield event
+            complete = True
+        except Exception as exc:  # noqa: BLE001 - the status is sent: report in-band, as OpenAI does
+            complete = True
+            yield f"data: {p.ErrorResponse.model_validate(gateway_error(ctx, exc, rename).body()).model_dump_json()}\n\n"
+        finally:
+            if not complete:
+                ctx.metrics.disconnect()
+        yield _DONE
+
+    return StreamingResponse(body(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def _usage(outputs: list[RequestOutput]) -> p.UsageInfo:
+    prompt = sum(o.usage.prompt_tokens for o in outputs)
+    completion = sum(o.usage.completion_tokens for o in outputs)
+    return p.UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
+                       prompt_tokens_details=p.PromptTokensDetails(
+                           cached_tokens=sum(o.usage.cached_tokens for o in outputs)))
+
+
+
+# --- chat ------------------------------------------------------------------------------------------
+
+async def chat_response(ctx: GatewayContext, body: p.ChatCompletionRequest, jobs: list[GenerationJob],
+                         rename: Mapping[str, str], rid: str, created: int) -> Response:
+    started = await start_jobs(ctx, jobs, rename)
+    choices = {i: Choice() for i in range(body.n)}
+    finals = []
+    async for _, out in _outputs(started):
+        for o in out.outputs:
+            choices[o.index].add(o)
+        if out.finished:
+            finals.append(out)
+    result = p.ChatCompletionResponse(
+        id=rid, created=created, model=ctx.model_name, usage=_usage(finals),
+        choices=[p.ChatChoice(
+            index=i, message=p.AssistantMessage(content=c.text), finish_reason=c.finish_reason,
+            stop_reason=c.stop_reason, token_ids=c.token_ids if body.return_token_ids else None,
+            logprobs=p.ChatLogprobs(content=chat_logprobs(ctx.tokenizer, c.token_ids, c.logprobs,
+                                                          c.top_logprobs)) if body.logprobs else None)
+            for i, c in sorted(choices.items())])
+    return Response(result.model_dump_json(), media_type="application/json")
+
+
+async def chat_events(ctx: GatewayContext, body: p.ChatCompletionRequest, started: Started, rid: str,
+                       created: int) -> AsyncIterator[str]:
+    def chunk(choices: list[p.ChatStreamChoice], usage: p.UsageInfo | None = None) -> str:
+        return _sse(p.ChatCompletionChunk(id=rid, created=created, model=ctx.model_name, choices=choices,
+                                          usage=usage))
+
+    for i in range(body.n):
+        yield chunk([p.ChatStreamChoice(index=i, delta=p.DeltaMessage(role="assistant", content=""))])
+    finals = []
+    async for _, out in _outputs(started):
+        for o in out.outputs:
+            logprobs = p.ChatLogprobs(content=chat_logprobs(ctx.tokenizer, o.token_ids, o.logprobs or [],
+                                                            o.top_logprobs)) if body.logprobs else None
+            if (o.text or o.finish_reason or (logprobs is not None and logprobs.content)
+                    or (body.return_token_ids and o.token_ids)):
+                yield chunk([p.ChatStreamChoice(
+                    index=o.index, delta=p.DeltaMessage(content=o.text or None), logprobs=logprobs,
+                    finish_reason=o.finish_reason,
+                    token_ids=o.token_ids if body.return_token_ids else None)])
+        if out.finished:
+            finals.append(out)
+    if body.include_usage:
+        yield chunk([], _usage(finals))
+
+
+
+# --- completions -----------------------------------------------------------------------------------
+
+async def completion_response(ctx: GatewayContext, body: p.CompletionRequest, jobs: list[GenerationJob],
+                               rid: str, created: int) -> Response:
+    started = await start_jobs(ctx, jobs, None)
+    choices = {job.first_index + i: Choice() for job in jobs for i in range(body.n)}
+    finals = []
+    async for j, out in _outputs(started):
+        for o in out.outputs:
+            choices[jobs[j].first_index + o.index].add(o)
+        if out.finished:
+            finals.append(out)
+    owner = {job.first_index + i: job for job in jobs for i in range(body.n)}
+    result_choices = []
+    for index, c in sorted(choices.items()):
+        job = owner[index]
+        prefix = _prompt_text(ctx, job) if body.echo else ""
+        result_choices.append(p.CompletionChoice(
+            index=index, text=prefix + c.text, finish_reason=c.finish_reason, stop_reason=c.stop_reason,
+            token_ids=c.token_ids if body.return_token_ids else None,
+            prompt_token_ids=job.prompt_ids if body.return_token_ids else None,
+            logprobs=completion_logprobs(ctx.tokenizer, c.token_ids, c.logprobs, c.top_logprobs, len(prefix))
+            if body.logprobs is not None else None))
+    result = p.CompletionResponse(id=rid, created=created, model=ctx.model_name, choices=result_choices,
+                                  usage=_usage(finals))
+    return Response(result.model_dump_json(), media_type="application/json")
+
+
+def _prompt_text(ctx: GatewayContext, job: GenerationJob) -> str:
+    return job.prompt_text if job.prompt_text is not None else ctx.tokenizer.decode(job.prompt_ids)
+
+
+async def completion_events(ctx: GatewayContext, body: p.CompletionRequest, jobs: list[GenerationJob],
+                             started: Started, rid: str, created: int) -> AsyncIterator[str]:
+    def chunk(choices: list[p.CompletionChoice], usage: p.UsageInfo | None = None) -> str:
+        return _sse(p.CompletionResponse(id=rid, created=created, model=ctx.model_name, choices=choices,
+                                         usage=usage))
+
+    offsets = {}
+    for job in jobs:
+        for i in range(body.n):
+            text = _prompt_text(ctx, job) if body.echo else ""
+            offsets[job.first_index + i] = len(text)
+            if body.echo:
+                yield chunk([p.CompletionChoice(index=job.first_index + i, text=text)])
+    finals = []
+    async for j, out in _outputs(started):
+        for o in out.outputs:
+            index = jobs[j].first_index + o.index
+            logprobs = None
+            if body.logprobs is not None:
+                logprobs = completion_logprobs(ctx.tokenizer, o.token_ids, o.logprobs or [], o.top_logprobs,
+                                               offsets[index])
+                offsets[index] += sum(len(t) for t in logprobs.tokens)
+            yield chunk([p.CompletionChoice(index=index, text=o.text, logprobs=logprobs,
+                                            finish_reason=o.finish_reason, stop_reason=o.stop_reason,
+                                            token_ids=o.token_ids if body.return_token_ids else None)])
+        if out.finished:
+            finals.append(out)
+    if body.include_usage:
+        yield chunk([], _usage(finals))
+
