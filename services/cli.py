@@ -106,9 +106,14 @@ def cmd_up(args: argparse.Namespace) -> int:
               f"who can reach {config.host}:{config.port}", file=sys.stderr)
     # On a shared cluster only our application is removed at the end; a local Ray goes away entirely.
     joining = bool(os.environ.get("RAY_ADDRESS"))
+    from services.gateway.proxy import PROXY_CALLBACK, PROXY_CALLBACK_ENV
+
+    # Serve's proxy reads its middleware from its environment: a local Ray started here inherits it.
+    os.environ.setdefault(PROXY_CALLBACK_ENV, PROXY_CALLBACK)
     ray.init(ignore_reinit_error=True)
     try:
-        serve.start(http_options={"host": config.host, "port": config.port})
+        serve.start(http_options={"host": config.host, "port": config.port,
+                                  "keep_alive_timeout_s": config.keep_alive_timeout_s})
         serve.run(build_application(config), name=APP_NAME, route_prefix="/", blocking=False)
         base = f"http://{config.host}:{config.port}"
         print(f"grok-serve is up: model {config.model_name!r}\n"

@@ -44,7 +44,8 @@ def _translate(exc: Exception) -> Exception:
     """Ray's failure types to the engine contract's (services/engine/api.py): the one translation
     between the gateway and the engine replicas."""
     if isinstance(exc, BackPressureError):
-        return QueueFullError(f"the engine's request queue is full ({exc})", exc.retry_after_s)
+        # Ray's own message names its internals (num_queued_requests=...): clients get ours.
+        return QueueFullError("the engine's request queue is full", exc.retry_after_s)
     if isinstance(exc, RayTaskError):
         cause = exc.cause
         if isinstance(cause, ValueError):  # RequestRejected keeps its param and code across Ray
@@ -209,7 +210,9 @@ class GatewayDeployment:
             from services.gateway.grpc_server import build_grpc_server
 
             keys = self._context.keys.keys or None
-            self._grpc = build_grpc_server(client, tokenizer, keys, config.host, config.grpc_port)
+            self._grpc = build_grpc_server(client, tokenizer, keys, config.host, config.grpc_port,
+                                           limits=config.limits, settings=config.grpc,
+                                           retry_after_s=config.retry_after_s)
             await self._grpc.start()
 
     def __serve_build_asgi_app__(self):

@@ -8,6 +8,9 @@
   `EngineDeadError` and `EngineUnavailableError` (503, UNAVAILABLE). Each boundary translates them once.
 - `admit`: the one admission rule for a prompt and its token budget. It returns a `Rejection` (message,
   param, code) rather than raising, so a front end can name its own field in the error.
+- `RequestLimits` / `check_limits`: the per-request caps on everything else a client can make the engine
+  spend time or memory on (stop strings, sequences, logprobs, logit_bias, messages), checked by every
+  front end before anything is tokenized or queued.
 
 This module imports no torch, FastAPI or gRPC: a gateway replica loads it and nothing heavier.
 """
@@ -18,12 +21,17 @@ from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
+from services.config_checks import ConfigError, positive_int
+
 if TYPE_CHECKING:  # the types the clients exchange; they import this module for RequestRejected
     from services.engine.outputs import RequestOutput
     from services.engine.sampling_params import SamplingParams
     from services.model.tokenizer import Tokenizer
 
 CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"
+LIMIT_EXCEEDED = "limit_exceeded"
+# The most logprob alternatives SamplingParams accepts; a configured limit may only be stricter.
+MAX_LOGPROBS = 20
 
 
 # --- failures ------------------------------------------------------------------------------------
@@ -107,6 +115,64 @@ def admit(prompt_ids: Seq[int], max_tokens: int | None, *, vocab_size: int, max_
         f"{n + wanted} tokens ({n} in the prompt, {wanted} for the completion). Please reduce the length "
         f"of the prompt or max_tokens.",
         param if n >= max_model_len else "max_tokens", CONTEXT_LENGTH_EXCEEDED)
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """Caps on one request, so that no single client can slow every other one down. Each is checked
+    at admission, before anything is tokenized or queued; a request over one gets 400 naming it."""
+
+    max_stop_strings: int = 64  # entries of `stop`
+    max_stop_chars: int = 4096  # their total length, in characters
+    # Sequences one request may start: prompts x n (a completions request takes a list of prompts).
+    max_sequences: int = 64
+    max_logprobs: int = 20  # logprobs / top_logprobs
+    max_logit_bias: int = 300  # entries of logit_bias (OpenAI's own limit)
+    max_messages: int = 1024  # chat messages
+
+    def __post_init__(self) -> None:
+        for name in ("max_stop_strings", "max_stop_chars", "max_sequences", "max_logit_bias",
+                     "max_messages"):
+            positive_int("limits", name, getattr(self, name))
+        value = self.max_logprobs
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_LOGPROBS:
+            raise ConfigError(f"limits.max_logprobs must be an integer in [0, {MAX_LOGPROBS}], got {value!r}")
+
+
+def _over(param: str, what: str, count: int, limit: int, name: str) -> Rejection:
+    return Rejection(f"{param}: {what} {count}, over the limit of {limit} (limits.{name})", param,
+                     LIMIT_EXCEEDED)
+
+
+def check_limits(limits: RequestLimits, *, stop: Seq[str] = (), num_prompts: int = 1, n: int = 1,
+                 logprobs: int | None = None, logit_bias: int = 0, messages: int = 0,
+                 names: dict[str, str] | None = None) -> Rejection | None:
+    """None when the request is within `limits`, else the first limit it exceeds. Only counts are
+    looked at, so this is cheap even for a request built to be expensive. `names` maps the parameters
+    checked (stop, n, prompt, logprobs, logit_bias, messages) to the request's own field names."""
+    names = names or {}
+    stop_param = names.get("stop", "stop")
+    if len(stop) > limits.max_stop_strings:
+        return _over(stop_param, "the number of stop strings is", len(stop), limits.max_stop_strings,
+                     "max_stop_strings")
+    chars = sum(len(s) for s in stop)
+    if chars > limits.max_stop_chars:
+        return _over(stop_param, "the stop strings' total length is", chars, limits.max_stop_chars,
+                     "max_stop_chars")
+    if num_prompts * n > limits.max_sequences:
+        param = names.get("n", "n") if num_prompts == 1 else names.get("prompt", "prompt")
+        return _over(param, f"{num_prompts} prompt(s) x n={n} sequences is", num_prompts * n,
+                     limits.max_sequences, "max_sequences")
+    if logprobs is not None and logprobs > limits.max_logprobs:
+        return _over(names.get("logprobs", "logprobs"), "asks for", logprobs, limits.max_logprobs,
+                     "max_logprobs")
+    if logit_bias > limits.max_logit_bias:
+        return _over(names.get("logit_bias", "logit_bias"), "the number of entries is", logit_bias,
+                     limits.max_logit_bias, "max_logit_bias")
+    if messages > limits.max_messages:
+        return _over(names.get("messages", "messages"), "the number of messages is", messages,
+                     limits.max_messages, "max_messages")
+    return None
 
 
 # --- the clients ---------------------------------------------------------------------------------

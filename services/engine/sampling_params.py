@@ -11,11 +11,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NoReturn
 
-from services.engine.api import Rejection, RequestRejected
+from services.engine.api import MAX_LOGPROBS, Rejection, RequestRejected
 
 # Below this a temperature is treated as greedy: dividing logits by it would only amplify noise.
 GREEDY_TEMPERATURE = 1e-5
-MAX_LOGPROBS = 20
 MAX_N = 16
 
 

@@ -10,6 +10,7 @@ not a 404, so routes cannot be probed anonymously) and answer with OpenAI-style 
 """
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import os
@@ -106,24 +107,50 @@ class ApiKeyMiddleware:
         await error_response(error)(scope, receive, send)
 
 
-class BodyLimitMiddleware:
-    """Reads the body up to `max_bytes` (413 beyond, before any parsing) and checks that a JSON body is
-    UTF-8; the app then sees the buffered body as usual."""
+# Bodies are JSON. No Content-Type, and curl's default form type, are read as JSON too (clients omit
+# or misstate it often); anything else cannot be what the client meant.
+_JSON_TYPES = ("application/json", "application/x-www-form-urlencoded")
 
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
+
+def _media_type(value: str | None) -> str | None:
+    return None if value is None else value.split(";", 1)[0].strip().lower() or None
+
+
+def _status_error(status: int, message: str, code: str) -> ApiError:
+    error = BadRequestError(message, code=code)
+    error.status = status
+    return error
+
+
+class BodyLimitMiddleware:
+    """Reads the body up to `max_bytes` (413 beyond, before any parsing), each piece within
+    `read_timeout_s` (408 after), and checks that it is declared as JSON (415) and is UTF-8; the app
+    then sees the buffered body as usual."""
+
+    def __init__(self, app, max_bytes: int, read_timeout_s: float = 30.0):
+        self.app, self.max_bytes, self.read_timeout_s = app, max_bytes, read_timeout_s
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope.get("method") in ("GET", "HEAD", "OPTIONS"):
             return await self.app(scope, receive, send)
         error = None
         declared = _header(scope, b"content-length")
+        media = _media_type(_header(scope, b"content-type"))
         if declared is not None and declared.strip().isdigit() and int(declared) > self.max_bytes:
             error = self._too_large()
+        elif media is not None and media not in _JSON_TYPES and not media.endswith("+json"):
+            error = _status_error(415, f"the request body must be JSON (Content-Type: application/json), "
+                                       f"got Content-Type {media}", "unsupported_media_type")
         body = bytearray()
         more = error is None
         while more:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.read_timeout_s)
+            except asyncio.TimeoutError:
+                error = _status_error(408, f"the request body did not arrive within {self.read_timeout_s:g} s "
+                                           f"of its previous part", "body_timeout")
+                error.headers["Connection"] = "close"
+                break
             if message["type"] == "http.disconnect":
                 return
             body += message.get("body", b"")

@@ -20,6 +20,7 @@ from typing import Any, Union
 import yaml
 
 from services.config_checks import ConfigError, non_negative_number, positive_int
+from services.engine.api import RequestLimits
 from services.engine.config import EngineConfig
 
 
@@ -153,6 +154,31 @@ class GatewayDeploymentConfig:
 
 
 @dataclass(frozen=True)
+class GrpcConfig:
+    """Connection lifetimes of the gRPC front end, so that idle and half-dead connections are closed.
+
+    The server pings a connection idle for `keepalive_time_s` and drops it when the ping is not answered
+    within `keepalive_timeout_s`; a connection with no call for `max_connection_idle_s` is closed; one
+    older than `max_connection_age_s` (null: no limit) is asked to reconnect and gets
+    `max_connection_age_grace_s` to finish its calls. `min_ping_interval_s` is the most often a client
+    may ping without a call."""
+
+    keepalive_time_s: float = 60.0
+    keepalive_timeout_s: float = 20.0
+    max_connection_idle_s: float = 600.0
+    max_connection_age_s: float | None = None
+    max_connection_age_grace_s: float = 60.0
+    min_ping_interval_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        for name in ("keepalive_time_s", "keepalive_timeout_s", "max_connection_idle_s",
+                     "max_connection_age_grace_s", "min_ping_interval_s"):
+            non_negative_number("grpc", name, getattr(self, name), positive=True)
+        if self.max_connection_age_s is not None:
+            non_negative_number("grpc", "max_connection_age_s", self.max_connection_age_s, positive=True)
+
+
+@dataclass(frozen=True)
 class AppConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     served_model_name: str | None = None  # default: `engine.model` as given
@@ -163,6 +189,13 @@ class AppConfig:
     port: int = 8000
     grpc_port: int | None = None  # gRPC front end beside HTTP; off by default
     max_body_bytes: int = 1 << 20
+    # A client that has not sent the next piece of its body within this long gets 408, so slow bodies
+    # cannot hold connections and gateway tasks open indefinitely.
+    body_read_timeout_s: float = 30.0
+    # Idle keep-alive connections of Ray Serve's HTTP proxy are closed after this (`grok-serve up`).
+    keep_alive_timeout_s: int = 5
+    limits: RequestLimits = field(default_factory=RequestLimits)
+    grpc: GrpcConfig = field(default_factory=GrpcConfig)
     retry_after_s: int = 1  # the Retry-After a 429 carries
     engine_call_timeout_s: float = 10.0  # health checks and metric snapshots
     auth: AuthConfig = field(default_factory=AuthConfig)
@@ -193,6 +226,12 @@ class AppConfig:
         _port("app", "port", self.port)
         _port("app", "grpc_port", self.grpc_port, allow_none=True)
         positive_int("app", "max_body_bytes", self.max_body_bytes)
+        non_negative_number("app", "body_read_timeout_s", self.body_read_timeout_s, positive=True)
+        positive_int("app", "keep_alive_timeout_s", self.keep_alive_timeout_s)
+        if not isinstance(self.limits, RequestLimits):
+            raise ConfigError("limits must be a mapping of request limits")
+        if not isinstance(self.grpc, GrpcConfig):
+            raise ConfigError("grpc must be a mapping of gRPC connection settings")
         positive_int("app", "retry_after_s", self.retry_after_s)
         non_negative_number("app", "engine_call_timeout_s", self.engine_call_timeout_s, positive=True)
 

@@ -40,7 +40,8 @@ Started = list[tuple[RequestOutput, AsyncIterator[RequestOutput]]]
 
 async def start_jobs(ctx: GatewayContext, jobs: list[GenerationJob], rename: Mapping[str, str] | None) -> Started:
     """Submit every job and wait for each one's first output: rejections surface here, before any
-    byte of the answer is sent."""
+    byte of the answer is sent. All or nothing: the first job refused (a full queue, say) cancels the
+    others at once, rather than after they have run, and the client hears of it at once."""
     async def open_one(job: GenerationJob):
         stream = ctx.engine.generate(job.prompt_ids, job.params, job.engine_id)
         try:
@@ -49,16 +50,31 @@ async def start_jobs(ctx: GatewayContext, jobs: list[GenerationJob], rename: Map
             await _close(stream)
             raise
 
-    results = await asyncio.gather(*(open_one(job) for job in jobs), return_exceptions=True)
-    failed = [r for r in results if isinstance(r, BaseException)]
+    tasks = [asyncio.ensure_future(open_one(job)) for job in jobs]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+    except BaseException:
+        await _abandon(tasks)
+        raise
+    failed = [t for t in tasks if t.done() and (t.cancelled() or t.exception() is not None)]
     if failed:
-        for r in results:
-            if not isinstance(r, BaseException):
-                await _close(r[1])
-        if any(isinstance(r, asyncio.CancelledError) for r in failed):
+        await _abandon(tasks)
+        first = next((t.exception() for t in failed if not t.cancelled()
+                      and not isinstance(t.exception(), asyncio.CancelledError)), None)
+        if first is None:
             raise asyncio.CancelledError()
-        raise gateway_error(ctx, failed[0], rename)
-    return results  # type: ignore[return-value]
+        raise gateway_error(ctx, first, rename)
+    return [task.result() for task in tasks]
+
+
+async def _abandon(tasks: list[asyncio.Future]) -> None:
+    """Cancel the jobs still starting and close those that started."""
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    for task in tasks:
+        if not task.cancelled() and task.exception() is None:
+            await _close(task.result()[1])
 
 
 async def _outputs(started: Started) -> AsyncIterator[tuple[int, RequestOutput]]:

@@ -19,9 +19,18 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from services.engine.api import EngineDeadError, QueueFullError, RequestRejected, StreamingEngineClient, admit
+from services.engine.api import (
+    EngineDeadError,
+    QueueFullError,
+    RequestLimits,
+    RequestRejected,
+    StreamingEngineClient,
+    admit,
+    check_limits,
+)
 from services.engine.outputs import CompletionOutput, RequestOutput
 from services.engine.sampling_params import SamplingParams
+from services.gateway.config import GrpcConfig
 from services.gateway.proto import grok_serve_pb2 as pb
 from services.gateway.proto import grok_serve_pb2_grpc as pb_grpc
 from services.model.tokenizer import Tokenizer
@@ -47,15 +56,16 @@ class _Rejected(Exception):
         self.code, self.message, self.trailers = code, message, trailers
 
 
-def _status_of(exc: Exception, request_id: str | None) -> _Rejected:
-    """The one translation of the engine contract's failures (services/engine/api.py) to gRPC."""
+def _status_of(exc: Exception, request_id: str | None, retry_after_s: float = 1.0) -> _Rejected:
+    """The one translation of the engine contract's failures (services/engine/api.py) to gRPC;
+    `retry_after_s` is the pushback when the engine names none."""
     if isinstance(exc, _Rejected):
         return exc
     if isinstance(exc, ValueError):  # RequestRejected, and whatever else a client could not accept
         return _Rejected(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
     if isinstance(exc, QueueFullError):
-        trailers = () if exc.retry_after_s is None else (
-            (RETRY_PUSHBACK_KEY, str(max(0, round(exc.retry_after_s * 1000)))),)
+        retry = exc.retry_after_s if exc.retry_after_s is not None else retry_after_s
+        trailers = ((RETRY_PUSHBACK_KEY, str(max(0, round(retry * 1000)))),)
         return _Rejected(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc), trailers)
     if isinstance(exc, EngineDeadError):
         return _Rejected(grpc.StatusCode.UNAVAILABLE, str(exc))
@@ -115,9 +125,12 @@ def _merge_responses(parts: list[pb.GenerateResponse]) -> pb.GenerateResponse:
 
 
 class GenerationServicer(pb_grpc.GenerationServicer):
-    def __init__(self, client: StreamingEngineClient, tokenizer: Tokenizer):
+    def __init__(self, client: StreamingEngineClient, tokenizer: Tokenizer,
+                 limits: RequestLimits | None = None, retry_after_s: float = 1.0):
         self._client = client
         self._tokenizer = tokenizer
+        self._limits = limits if limits is not None else RequestLimits()
+        self._retry_after_s = retry_after_s
 
     # --- admission: everything that can be checked before the engine sees the request ------------
     def _encode(self, text: str, add_bos: bool) -> list[int]:
@@ -140,8 +153,14 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         remaining = context.time_remaining()
         if remaining is not None and remaining <= 0:
             raise _Rejected(grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed before generation")
+        msg = request.sampling_params
+        # Counted before anything is decoded or tokenized: a message may hold 4 MB of stop strings.
+        rejection = check_limits(self._limits, stop=msg.stop, n=msg.n if msg.HasField("n") else 1,
+                                 logprobs=msg.logprobs if msg.HasField("logprobs") else None)
+        if rejection is not None:
+            raise RequestRejected(rejection)
         prompt_ids = self._prompt_ids(request)
-        params = sampling_params_from_proto(request.sampling_params)
+        params = sampling_params_from_proto(msg)
         # The engine admits it too, but a remote engine would only do so after queueing.
         rejection = admit(prompt_ids, params.max_tokens, vocab_size=self._tokenizer.vocab_size,
                           max_model_len=self._client.max_model_len)
@@ -174,7 +193,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             async for response in self._responses(request, context, request_id):
                 yield response
         except Exception as exc:  # noqa: BLE001 - every failure becomes a status code
-            status = _status_of(exc, request_id)
+            status = _status_of(exc, request_id, self._retry_after_s)
             await context.abort(status.code, status.message, status.trailers)
 
     async def Generate(self, request, context):
@@ -183,7 +202,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             parts = [response async for response in self._responses(request, context, request_id)]
             return _merge_responses(parts)
         except Exception as exc:  # noqa: BLE001
-            status = _status_of(exc, request_id)
+            status = _status_of(exc, request_id, self._retry_after_s)
             await context.abort(status.code, status.message, status.trailers)
 
     # --- tokenizer -------------------------------------------------------------------------------
@@ -266,6 +285,60 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
         return _unauthenticated(handler)
 
 
+_UNDECODABLE = object()  # what a request that is not the method's message decodes to
+
+
+class DecodeGuardInterceptor(grpc.aio.ServerInterceptor):
+    """Answers a Generation request whose bytes are not its message with INVALID_ARGUMENT rather than
+    grpc's UNKNOWN (which names a Python exception). Installed inside the key check, so an
+    unauthenticated caller learns nothing about what it sent."""
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None or not details.method.startswith(f"/{GENERATION_SERVICE}/"):
+            return handler
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                _checked_unary(handler.unary_unary), request_deserializer=_safe(handler.request_deserializer),
+                response_serializer=handler.response_serializer)
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(
+                _checked_stream(handler.unary_stream), request_deserializer=_safe(handler.request_deserializer),
+                response_serializer=handler.response_serializer)
+        return handler
+
+
+def _safe(deserialize):
+    def decode(data: bytes):
+        try:
+            return deserialize(data)
+        except Exception:  # noqa: BLE001 - protobuf's DecodeError and whatever a bad message raises
+            return _UNDECODABLE
+    return decode
+
+
+async def _refuse_undecodable(context) -> None:
+    await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                        "the request message could not be decoded as this method's request type")
+
+
+def _checked_unary(behaviour):
+    async def call(request, context):
+        if request is _UNDECODABLE:
+            await _refuse_undecodable(context)
+        return await behaviour(request, context)
+    return call
+
+
+def _checked_stream(behaviour):
+    async def call(request, context):
+        if request is _UNDECODABLE:
+            await _refuse_undecodable(context)
+        async for response in behaviour(request, context):
+            yield response
+    return call
+
+
 def _digest(key: str) -> bytes:
     return hashlib.sha256(key.encode("utf-8")).digest()
 
@@ -284,9 +357,26 @@ def _unauthenticated(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
                 response_serializer=handler.response_serializer)
 
 
+def server_options(settings: GrpcConfig) -> list[tuple[str, int]]:
+    """grpc core's channel arguments for `settings` (gateway/config.py explains them)."""
+    def ms(seconds: float) -> int:
+        return max(1, round(seconds * 1000))
+
+    options = [("grpc.keepalive_time_ms", ms(settings.keepalive_time_s)),
+               ("grpc.keepalive_timeout_ms", ms(settings.keepalive_timeout_s)),
+               ("grpc.max_connection_idle_ms", ms(settings.max_connection_idle_s)),
+               ("grpc.http2.min_ping_interval_without_data_ms", ms(settings.min_ping_interval_s)),
+               ("grpc.keepalive_permit_without_calls", 1)]
+    if settings.max_connection_age_s is not None:
+        options += [("grpc.max_connection_age_ms", ms(settings.max_connection_age_s)),
+                    ("grpc.max_connection_age_grace_ms", ms(settings.max_connection_age_grace_s))]
+    return options
+
+
 def build_grpc_server(client: StreamingEngineClient, tokenizer: Tokenizer | None = None,
                       api_keys: frozenset[str] | None = None, host: str = "127.0.0.1",
-                      port: int = 50051) -> grpc.aio.Server:
+                      port: int = 50051, *, limits: RequestLimits | None = None,
+                      settings: GrpcConfig | None = None, retry_after_s: float = 1.0) -> grpc.aio.Server:
     """A grpc.aio server (not started) with Generation, grpc.health.v1 and server reflection.
 
     `tokenizer` defaults to the client's. `api_keys=None` turns authentication off; an empty set is
@@ -297,10 +387,12 @@ def build_grpc_server(client: StreamingEngineClient, tokenizer: Tokenizer | None
     if api_keys is not None and not api_keys:
         raise ValueError("api_keys must be None (no authentication) or a non-empty set of keys")
     tokenizer = tokenizer if tokenizer is not None else client.tokenizer
-    interceptors = [ApiKeyInterceptor(frozenset(api_keys))] if api_keys else []
+    # The key check runs first: an unauthenticated caller hears UNAUTHENTICATED whatever it sent.
+    interceptors = [*([ApiKeyInterceptor(frozenset(api_keys))] if api_keys else []), DecodeGuardInterceptor()]
     # grpc enables SO_REUSEPORT by default, which would let a second server silently share the port.
-    server = grpc.aio.server(interceptors=interceptors, options=[("grpc.so_reuseport", 0)])
-    pb_grpc.add_GenerationServicer_to_server(GenerationServicer(client, tokenizer), server)
+    options = [("grpc.so_reuseport", 0), *server_options(settings if settings is not None else GrpcConfig())]
+    server = grpc.aio.server(interceptors=interceptors, options=options)
+    pb_grpc.add_GenerationServicer_to_server(GenerationServicer(client, tokenizer, limits, retry_after_s), server)
     health_pb2_grpc.add_HealthServicer_to_server(
         EngineHealthServicer(client, [GENERATION_SERVICE]), server)
     reflection.enable_server_reflection(

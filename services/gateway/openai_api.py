@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import importlib.metadata
 import logging
-import re
 import time
 import uuid
 from collections.abc import Mapping
@@ -30,6 +29,7 @@ from services.engine.api import (
     EngineUnavailableError,
     RequestRejected,
     admit,
+    check_limits,
     check_token_ids,
     completion_budget,
 )
@@ -48,12 +48,12 @@ from services.gateway.generation import (
     until_disconnect,
 )
 from services.gateway.metrics import HttpMetricsMiddleware
+from services.gateway.proxy import sanitized_request_id
 
 __all__ = ["GatewayContext", "build_context", "create_app", "router"]
 
 logger = logging.getLogger(__name__)
 
-_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 
 
 class RequestIdMiddleware:
@@ -69,9 +69,8 @@ class RequestIdMiddleware:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        given = next((v.decode("latin-1") for k, v in scope.get("headers", ()) if k.lower() == b"x-request-id"),
-                     "")
-        request_id = given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+        given = next((v for k, v in scope.get("headers", ()) if k.lower() == b"x-request-id"), None)
+        request_id = sanitized_request_id(given)
         scope.setdefault("state", {})["request_id"] = request_id
 
         async def with_header(message):
@@ -100,6 +99,27 @@ def _admit(ctx: GatewayContext, ids: list[int], max_tokens: int | None, param: s
     if rejection is not None:
         raise RequestRejected(rejection)
     return completion_budget(len(ids), max_tokens, limit)
+
+
+
+def _check_limits(ctx: GatewayContext, body: p.SamplingFields, *, num_prompts: int = 1,
+                  logprobs: int | None = None, messages: int = 0,
+                  names: Mapping[str, str] | None = None) -> None:
+    """The per-request caps (services.engine.api.RequestLimits), before any prompt is tokenized."""
+    stop = body.stop if body.stop is not None else ()
+    rejection = check_limits(ctx.config.limits, stop=(stop,) if isinstance(stop, str) else stop,
+                             num_prompts=num_prompts, n=body.n, logprobs=logprobs,
+                             logit_bias=len(body.logit_bias or {}), messages=messages,
+                             names=dict(names or {}))
+    if rejection is not None:
+        raise RequestRejected(rejection)
+
+
+
+def _num_prompts(prompt) -> int:
+    if isinstance(prompt, str) or not prompt or all(isinstance(x, int) for x in prompt):
+        return 1
+    return len(prompt)
 
 
 
@@ -149,6 +169,11 @@ def _chat_job(ctx: GatewayContext, body: p.ChatCompletionRequest,
               request_id: str) -> tuple[GenerationJob, Mapping[str, str]]:
     """The chat request as one engine request, and the engine's parameter names as this request
     spells them."""
+    try:
+        _check_limits(ctx, body, logprobs=body.top_logprobs, messages=len(body.messages),
+                      names={"logprobs": "top_logprobs"})
+    except ValueError as exc:
+        raise gateway_error(ctx, exc) from None
     _reject_unsupported(body)
     if body.tools:
         raise BadRequestError("tools are not supported", param="tools")
@@ -169,6 +194,10 @@ def _chat_job(ctx: GatewayContext, body: p.ChatCompletionRequest,
 
 def _completion_jobs(ctx: GatewayContext, body: p.CompletionRequest, request_id: str) -> list[GenerationJob]:
     """One engine request per prompt."""
+    try:
+        _check_limits(ctx, body, num_prompts=_num_prompts(body.prompt), logprobs=body.logprobs)
+    except ValueError as exc:
+        raise gateway_error(ctx, exc) from None
     _reject_unsupported(body)
     if body.suffix:
         raise BadRequestError("suffix is not supported", param="suffix")
@@ -233,7 +262,9 @@ async def models(ctx: Context):
 
 
 
-@router.get("/health", response_model=p.HealthResponse, responses={503: {"model": p.ErrorResponse}})
+# HEAD as well: load balancers often probe with it.
+@router.api_route("/health", methods=["GET", "HEAD"], response_model=p.HealthResponse,
+                  responses={503: {"model": p.ErrorResponse}})
 async def health(ctx: Context):
     try:
         await asyncio.wait_for(ctx.engine.check_health(), ctx.config.engine_call_timeout_s)
@@ -298,7 +329,8 @@ def create_app(ctx: GatewayContext, echo_request_id: bool = True) -> FastAPI:
     # FastAPI lists an included router as one entry of app.routes, without a path.
     routes = frozenset(path for r in (*app.routes, *router.routes) if (path := getattr(r, "path", None)))
     # Outermost first: count every answer, tag it with its id, then authenticate, then limit the body.
-    app.add_middleware(BodyLimitMiddleware, max_bytes=ctx.config.max_body_bytes)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=ctx.config.max_body_bytes,
+                       read_timeout_s=ctx.config.body_read_timeout_s)
     open_paths = frozenset(path for path, is_open in (("/health", ctx.config.auth.open_health),
                                                        ("/metrics", ctx.config.auth.open_metrics)) if is_open)
     app.add_middleware(ApiKeyMiddleware, keys=ctx.keys, open_paths=open_paths)

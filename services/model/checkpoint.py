@@ -288,7 +288,77 @@ def resolve_source(source: str | Path, load_format: str = "auto") -> tuple[Grok1
     if load_format == "hf":
         from services.model.hf_format import config_for_hf
         return config_for_hf(path), path, load_format
-    return Grok1Config.from_dir(path), path, load_format
+    return checkpoint_config(path, load_format), path, load_format
+
+
+def checkpoint_config(path: Path, load_format: str) -> Grok1Config:
+    """The configuration of a release or safetensors checkpoint: its config.json, or, without one, what
+    the tensors' shapes show, read from the files' headers before any model memory is allocated.
+
+    Shapes give the layer count, vocabulary, widths and experts, but not the attention head split, the
+    multipliers or the rope base: so a directory without config.json is taken as Grok-1 (with the layer
+    count its files hold) only when every shape is Grok-1's, and is refused otherwise, naming the first
+    shape that differs."""
+    if (path / "config.json").exists():
+        return Grok1Config.from_dir(path)
+    shape_of, layers = (_release_shapes(path) if load_format == "release" else _safetensors_shapes(path))
+    grok1 = PRESETS["grok-1"].replace(num_layers=layers)
+    for name in release_format.param_names(grok1.replace(num_layers=1)):
+        found, expected = shape_of(name), release_shape(name, grok1)[0]
+        if found != tuple(expected):
+            raise CheckpointError(
+                f"{path}: there is no config.json, and the tensors are not Grok-1's ({name} has shape "
+                f"{found}, Grok-1's is {tuple(expected)}); the attention heads, multipliers and rope base "
+                f"cannot be read from shapes: add the checkpoint's config.json")
+    return grok1
+
+
+def _weight_shape(value) -> tuple[int, ...]:
+    return tuple(_parts(value)[0].shape)
+
+
+def _release_shapes(path: Path):
+    """(shape of a release name, layer count): a release holds 2 files plus 12 per layer, in the sorted
+    order of their names; arrays are mapped, so reading a shape reads only a pickle's header."""
+    count = len(list((path / "ckpt-0").glob("tensor*_000")))
+    per_layer = len(release_format.param_names(PRESETS["tiny"].replace(num_layers=1))) - 2
+    if count < 2 + per_layer or (count - 2) % per_layer:
+        raise CheckpointError(f"{path}: there is no config.json, and its {count} tensor files are not a "
+                              f"Grok-1 release's 2 + {per_layer} per layer: add the checkpoint's config.json")
+    layers = (count - 2) // per_layer
+    names = release_format.param_names(PRESETS["tiny"].replace(num_layers=layers))
+
+    def shape_of(name: str) -> tuple[int, ...]:
+        value = release_format.read_tensor(release_format.tensor_path(path, names.index(name)), mapped=True)
+        return _weight_shape(value)
+
+    return shape_of, layers
+
+
+def _safetensors_shapes(path: Path):
+    shapes: dict[str, tuple[int, ...]] = {}
+    for file in sorted(path.glob("*.safetensors")):
+        # The JSON header only: mapping every tensor would take the checkpoint's size in address space.
+        with open(file, "rb") as f:
+            try:
+                header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+            except ValueError as exc:
+                raise CheckpointError(f"{file}: not a safetensors file ({exc})") from None
+        shapes.update((name, tuple(info["shape"])) for name, info in header.items()
+                      if name != "__metadata__" and isinstance(info, dict) and "shape" in info)
+    prefix, suffix = "transformer/decoder_layer_", "/router/w"
+    layers = sum(1 for name in shapes if name.startswith(prefix) and name.endswith(suffix))
+    if layers == 0:
+        raise CheckpointError(f"{path}: there is no config.json, and no {prefix}N{suffix} tensor shows how "
+                              f"many layers it has: add the checkpoint's config.json")
+
+    def shape_of(name: str) -> tuple[int, ...]:
+        if name not in shapes:
+            raise CheckpointError(f"{path}: there is no config.json, and {name} is missing: add the "
+                                  f"checkpoint's config.json")
+        return shapes[name]
+
+    return shape_of, layers
 
 
 def load_weights(model: torch.nn.Module, path: Path | None, load_format: str, seed: int = 0) -> None:
