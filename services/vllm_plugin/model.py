@@ -64,8 +64,9 @@ class Grok1ForCausalLM(nn.Module):
         h = self.embed_input_ids(input_ids) if inputs_embeds is None else inputs_embeds
         grok = self.model
         for layer in grok.decoder_layer:
-            # The KV cache and attention metadata reach vLLM's layer through its forward context.
-            h = layer(h, positions, grok.rope, grok.comm, None, None, None, None)
+            # The KV cache, attention metadata and workspace are vLLM's, reached through its forward
+            # context: the native arguments for them stay None.
+            h = layer(h, positions, grok.rope, grok.comm, None, None, None, None, None)
         return h  # [T, D], before the output norm
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
