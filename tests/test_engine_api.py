@@ -67,12 +67,14 @@ def test_sampling_params_name_the_field_they_reject(field, value):
 def test_engine_and_package_exports():
     from services.engine import LLM
     from services.engine import SamplingParams as Exported
-    from services.engine.config import DTYPES, LOAD_FORMATS
+    from services.engine.config import DTYPES, EXPERT_DTYPES, LOAD_FORMATS
+    from services.model.checkpoint import EXPERT_DTYPES as LOADER_EXPERT_DTYPES
     from services.model.checkpoint import LOAD_FORMATS as LOADER_FORMATS
     from services.model.checkpoint import TORCH_DTYPES
 
     assert Exported is SamplingParams and LLM.__name__ == "LLM"
     # The engine's configuration validates these names without torch; the loader defines them.
+    assert set(EXPERT_DTYPES) == set(LOADER_EXPERT_DTYPES)
     assert set(DTYPES) == set(TORCH_DTYPES) and tuple(LOAD_FORMATS) == tuple(LOADER_FORMATS)
 
 

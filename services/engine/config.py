@@ -9,6 +9,7 @@ from services.config_checks import non_negative_number, positive_int
 ENGINE_BACKENDS = ("native", "vllm")
 # The names services.model.checkpoint.load_model accepts (tests/test_engine_api.py keeps them equal).
 DTYPES = ("float32", "bfloat16", "float16")
+EXPERT_DTYPES = ("auto", "int8", *DTYPES)
 LOAD_FORMATS = ("auto", "release", "safetensors", "hf", "dummy")
 
 
@@ -16,6 +17,8 @@ LOAD_FORMATS = ("auto", "release", "safetensors", "hf", "dummy")
 class EngineConfig:
     model: str = "tiny"  # a preset name or a checkpoint directory
     dtype: str = "float32"
+    # Expert storage (services.model.checkpoint.EXPERT_DTYPES): auto, int8 (H100), bfloat16 (H200).
+    expert_dtype: str = "auto"
     load_format: str = "auto"
     seed: int = 0  # dummy weights and unseeded sampling
     device: str = "cpu"
@@ -36,6 +39,8 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.expert_dtype not in EXPERT_DTYPES:
+            raise ValueError(f"expert_dtype must be one of {EXPERT_DTYPES}, got {self.expert_dtype!r}")
         if self.load_format not in LOAD_FORMATS:
             raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {self.load_format!r}")
         for name in ("block_size", "kv_cache_memory_bytes", "max_num_seqs", "max_num_batched_tokens",
