@@ -101,8 +101,9 @@ def test_gpu_config_fits_the_gpu(name, hbm):
 
 def test_gpu_configs_differ_only_in_capacity():
     h100, h200 = (config_to_dict(load_config(DEPLOY / n)) for n in ("h100x8.yaml", "h200x8.yaml"))
+    # The expert storage is part of the memory plan: int8 on 80 GB, bf16 where 141 GB holds it.
     capacity = {"kv_cache_memory_bytes", "max_num_seqs", "max_num_batched_tokens", "max_ongoing_requests",
-                "max_queued_requests"}
+                "max_queued_requests", "expert_dtype"}
 
     def strip(d):
         return {s: {k: v for k, v in d[s].items() if k not in capacity} if isinstance(d[s], dict) else d[s]
@@ -110,6 +111,7 @@ def test_gpu_configs_differ_only_in_capacity():
 
     assert strip(h100) == strip(h200)
     assert h200["engine"]["kv_cache_memory_bytes"] > h100["engine"]["kv_cache_memory_bytes"]
+    assert (h100["engine"]["expert_dtype"], h200["engine"]["expert_dtype"]) == ("int8", "bfloat16")
 
 
 # --- Dockerfile ------------------------------------------------------------------------------------
