@@ -3,8 +3,9 @@
 `grok-serve up` runs the Ray Serve application until Ctrl-C or SIGTERM: it starts a local Ray instance,
 or joins the cluster named by RAY_ADDRESS (Ray's own convention, read by `ray.init`), serves the app on
 the configured address (127.0.0.1:8000 by default, the `tiny` preset with random weights on CPU), prints
-the URLs and blocks; on a signal it shuts Serve down (in-flight streams get
-`graceful_shutdown_timeout_s`) and disconnects from Ray.
+the URLs and blocks. On a signal it drains: the gateways refuse new requests with 503 (and report
+unhealthy) while the streams they serve finish, for up to the deployments' `graceful_shutdown_timeout_s`;
+then it shuts Serve down and disconnects from Ray.
 """
 from __future__ import annotations
 
@@ -100,6 +101,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     from ray import serve
 
     from services.serve_app import build_application
+    from services.serve_metrics import drain_gateways
 
     if not config.auth.enabled:
         print("warning: no API keys configured (--api-key-env / --api-key-file): the API is open to anyone "
@@ -124,7 +126,15 @@ def cmd_up(args: argparse.Namespace) -> int:
               + (f"  gRPC         {config.host}:{config.grpc_port}\n" if config.grpc_port is not None else "")
               + "Press Ctrl-C to stop.", flush=True)
         signum = _wait_for_signal()
-        print(f"received {signal.Signals(signum).name}: shutting down", file=sys.stderr, flush=True)
+        grace_s = max(config.gateway_deployment.graceful_shutdown_timeout_s,
+                      config.engine_deployment.graceful_shutdown_timeout_s)
+        print(f"received {signal.Signals(signum).name}: draining (new requests get 503; open streams have "
+              f"up to {grace_s:g} s)", file=sys.stderr, flush=True)
+        try:
+            left = drain_gateways(APP_NAME, grace_s)
+            print(f"drained ({left} streams cut)" if left else "drained", file=sys.stderr, flush=True)
+        except Exception as exc:  # noqa: BLE001 - shutting down regardless; Serve still stops gracefully
+            print(f"drain failed ({exc!r}): stopping", file=sys.stderr, flush=True)
     finally:
         try:
             # Deleting the app first lets its replicas drain in-flight streams through the still-running

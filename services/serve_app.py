@@ -32,8 +32,17 @@ from services.engine.api import EngineDeadError, EngineUnavailableError, ModelIn
 from services.engine.outputs import RequestOutput
 from services.engine.sampling_params import SamplingParams
 from services.gateway.config import AppConfig, load_config
+from services.gateway.metrics import ReplicaSeries
 from services.gateway.openai_api import build_context, create_app
 from services.model.tokenizer import Tokenizer, load_tokenizer
+from services.serve_metrics import DEFAULT_PUBLISH, Publisher, PublishOptions, registry
+
+# /metrics waits at most this long for the engine's numbers (less when engine_call_timeout_s is
+# shorter), then answers with the last ones: well within any scrape timeout, so a saturated engine
+# shows up as stale numbers and scrape errors, never as a gateway that does not answer.
+SCRAPE_WAIT_S = 5.0
+# A gateway's numbers are a few counters, and a drain waits for every gateway to hear of it: publish often.
+GATEWAY_PUBLISH = PublishOptions(period_s=0.5)
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +70,8 @@ def _translate(exc: Exception) -> Exception:
 class ServeEngineClient:
     """`EngineClient` over the engine deployment's handle."""
 
-    def __init__(self, handle: DeploymentHandle, info: ModelInfo, tokenizer: Tokenizer, timeout_s: float):
+    def __init__(self, handle: DeploymentHandle, info: ModelInfo, tokenizer: Tokenizer, timeout_s: float,
+                 app_name: str | None = None, publish: PublishOptions = DEFAULT_PUBLISH):
         self._handle = handle
         self._stream = handle.options(stream=True)
         self._info = info
@@ -70,6 +80,17 @@ class ServeEngineClient:
         self._healthy = True  # last known: refreshed by check_health and by failed calls
         self._active: dict[str, Any] = {}
         self._last_output = float("-inf")  # monotonic time of the last output any stream received
+        self._app_name, self._publish = app_name, publish  # app_name None: no registry, one replica
+        self._registry: Any = None
+        self.draining = False
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._active)
+
+    def start_drain(self) -> None:
+        """Refuse new requests (503, gRPC UNAVAILABLE) and report unhealthy; streams already running go on."""
+        self.draining = True
 
     @property
     def tokenizer(self) -> Tokenizer:
@@ -85,10 +106,12 @@ class ServeEngineClient:
 
     @property
     def is_healthy(self) -> bool:
-        return self._healthy
+        return self._healthy and not self.draining
 
     async def generate(self, prompt_ids: Seq[int], params: SamplingParams,
                        request_id: str) -> AsyncIterator[RequestOutput]:
+        if self.draining:
+            raise EngineUnavailableError("the server is shutting down: retry on another replica")
         response = self._stream.generate.remote(list(prompt_ids), params, request_id)
         self._active[request_id] = response
         finished = False
@@ -115,6 +138,8 @@ class ServeEngineClient:
             _cancel(response)
 
     async def check_health(self) -> None:
+        if self.draining:
+            raise EngineUnavailableError("the server is shutting down")
         # A saturated engine queues this call behind generation requests (every call counts against
         # max_ongoing_requests): outputs streaming in right now prove it is alive without asking.
         if self._active and time.monotonic() - self._last_output < self._timeout_s:
@@ -136,7 +161,33 @@ class ServeEngineClient:
         self._healthy = True
 
     async def metrics_snapshot(self) -> dict[str, Any]:
-        return await asyncio.wait_for(self._handle.metrics_snapshot.remote(), self._timeout_s)
+        """Every engine replica's numbers as the registry has them, the replica the handle reaches with
+        current ones; and the other gateways' counters (the collection GatewayMetrics.fold takes)."""
+        wait_s = min(SCRAPE_WAIT_S, self._timeout_s)
+        direct = asyncio.ensure_future(asyncio.wait_for(self._handle.metrics_snapshot.remote(), wait_s))
+        try:
+            collected = await asyncio.wait_for(self._collect(), wait_s)
+        except Exception:
+            direct.cancel()
+            raise
+        try:
+            fresh = await direct
+        except Exception:  # busy or gone: the registry's numbers stand, with their age
+            logger.debug("no direct engine snapshot", exc_info=True)
+            return collected
+        engines = [e for e in collected["engines"] if e.get("replica") != fresh.get("replica")]
+        return {**collected, "engines": [*engines, {**fresh, "age_s": 0.0}]}
+
+    async def _collect(self) -> dict[str, Any]:
+        if self._app_name is None:
+            return {"engines": [], "gateways": []}
+        if self._registry is None:
+            self._registry = await asyncio.to_thread(registry, self._app_name, self._publish)
+        try:
+            return await self._registry.collect.remote()
+        except RayActorError:
+            self._registry = None
+            raise
 
 
 def _cancel(response: Any) -> None:
@@ -144,6 +195,13 @@ def _cancel(response: Any) -> None:
         response.cancel()
     except Exception:  # a call that failed to be assigned re-raises that failure here
         logger.debug("cancel of a failed engine call", exc_info=True)
+
+
+def _app_name() -> str | None:
+    try:
+        return serve.get_replica_context().replica_id.deployment_id.app_name
+    except Exception:  # noqa: BLE001 - outside a replica: nothing to publish to
+        return None
 
 
 def _replica_id() -> str:
@@ -177,21 +235,44 @@ class EngineDeployment:
             yield out
 
     def model_info(self) -> ModelInfo:
+        _publishing(self)
         return self._client.model_info
 
     async def metrics_snapshot(self) -> dict[str, Any]:
-        return await self._client.metrics_snapshot()
+        """This replica's numbers, cumulative (ReplicaSeries.to_snapshot): a gateway's scrape and the
+        publisher both read them, so neither may take samples away from the other."""
+        series = _publishing(self)
+        series.fold(await self._client.metrics_snapshot())
+        return series.to_snapshot()
 
     async def health(self) -> None:
         await self._client.check_health()
 
     async def check_health(self) -> None:
         # Serve calls this periodically; raising marks the replica unhealthy and it is replaced.
+        _publishing(self)
         await self._client.check_health()
 
     async def __del__(self) -> None:
         # Serve has already let in-flight requests finish (graceful_shutdown_timeout_s).
+        publisher = getattr(self, "_publisher", None)
+        if publisher is not None:
+            await publisher.stop()
         await self._client.shutdown()
+
+
+def _publishing(engine: EngineDeployment) -> ReplicaSeries:
+    """The replica's cumulative series, publishing to the registry from the first call on (Serve's
+    first health check, or the gateway asking for the model): the constructor only loads the model."""
+    series = getattr(engine, "_series", None)
+    if series is None:
+        replica = _replica_id()
+        series = engine._series = ReplicaSeries(replica)
+        app_name = _app_name()
+        if app_name is not None:
+            engine._publisher = Publisher(app_name, "engine", replica, engine.metrics_snapshot)
+            engine._publisher.start()
+    return series
 
 
 @serve.deployment(name="GrokGateway")
@@ -201,8 +282,21 @@ class GatewayDeployment:
         info: ModelInfo = await engine.model_info.remote()
         model_dir = Path(info.source) if Path(info.source).is_dir() else None
         tokenizer = load_tokenizer(model_dir, info.vocab_size)
-        client = ServeEngineClient(engine, info, tokenizer, config.engine_call_timeout_s)
+        app_name, gateway = _app_name(), _replica_id()
+        client = ServeEngineClient(engine, info, tokenizer, config.engine_call_timeout_s, app_name)
         self._context = build_context(config, client)
+        # Published with every engine replica's numbers, so any gateway can answer a scrape for all.
+        self._context.metrics.gateway = gateway
+
+        async def numbers() -> dict[str, Any]:
+            return {"gateway": gateway, "counters": self._context.metrics.own.state(),
+                    "in_flight": client.in_flight, "draining": client.draining}
+
+        self._publisher = None
+        if app_name is not None:
+            self._publisher = Publisher(app_name, "gateway", gateway, numbers, GATEWAY_PUBLISH,
+                                        on_drain=client.start_drain)
+            self._publisher.start()
         self._grpc = None
         if config.grpc_port is not None:
             # The gRPC front end (services/gateway/grpc_server.py) shares this process and engine
@@ -219,6 +313,8 @@ class GatewayDeployment:
         return create_app(self._context, echo_request_id=False)
 
     async def __del__(self) -> None:
+        if self._publisher is not None:
+            await self._publisher.stop()
         if self._grpc is not None:
             await self._grpc.stop(self._context.config.gateway_deployment.graceful_shutdown_timeout_s)
 

@@ -1,6 +1,7 @@
 """`grok-serve up` as a user runs it: a subprocess that serves until SIGTERM, then drains and exits."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -12,18 +13,21 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.test_gateway_support import free_port
+from tests.test_gateway_support import free_port, wait_until
 
-pytestmark = pytest.mark.timeout(240)
+pytestmark = pytest.mark.timeout(300)
 
 REPO = Path(__file__).resolve().parents[1]
+CONTEXT = 2048  # the tiny preset's whole context
+PROMPTS = 4  # sequences in the stream below, each decoding to the end of the context
 
 
-def test_up_serves_until_sigterm_and_lets_streams_finish():
+def test_sigterm_drains_streams_finish_and_new_requests_get_503():
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     command = [sys.executable, "-m", "services.cli", "up", "--port", str(port),
-               "--max-model-len", "512", "--kv-cache-memory-bytes", str(16 << 20), "--engine-num-cpus", "0.5"]
+               "--max-model-len", str(CONTEXT), "--kv-cache-memory-bytes", str(64 << 20),
+               "--engine-num-cpus", "0.5"]
     # A session of its own: the signal reaches only the launcher, as a service manager would send it.
     proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                             text=True, start_new_session=True)
@@ -43,8 +47,11 @@ def test_up_serves_until_sigterm_and_lets_streams_finish():
         started = threading.Event()
 
         def stream():
-            body = {"prompt": "Once", "max_tokens": 400, "ignore_eos": True, "stream": True}
-            with httpx.stream("POST", base + "/v1/completions", json=body, timeout=120) as response:
+            # Each sequence runs to the end of the context (thousands of tokens in all), so the request
+            # still streams while the drain starts and the refusals below are seen.
+            body = {"prompt": [[7 + i] for i in range(PROMPTS)], "max_tokens": CONTEXT - 1, "ignore_eos": True,
+                    "stream": True}
+            with httpx.stream("POST", base + "/v1/completions", json=body, timeout=300) as response:
                 for line in response.iter_lines():
                     if line.startswith("data: "):
                         events.append(line[6:])
@@ -54,9 +61,26 @@ def test_up_serves_until_sigterm_and_lets_streams_finish():
         reader.start()
         assert started.wait(60)
         proc.send_signal(signal.SIGTERM)
+
+        refused = []
+
+        def new_requests_refused() -> bool:
+            response = httpx.post(base + "/v1/completions", json={"prompt": [7], "max_tokens": 1}, timeout=30)
+            refused.append(response.status_code)
+            return response.status_code == 503
+
+        assert wait_until(new_requests_refused, 60, 0.1), refused
+        assert events[-1] != "[DONE]"  # refusals came while the stream still ran
+        body = httpx.post(base + "/v1/completions", json={"prompt": [7], "max_tokens": 1}, timeout=30).json()
+        assert body["error"]["type"] == "service_unavailable_error", body
+        assert httpx.get(base + "/health", timeout=30).status_code == 503
+
+        reader.join(timeout=240)
         assert proc.wait(timeout=120) == 0
-        reader.join(timeout=30)
         assert events[-1] == "[DONE]", events[-3:]  # the in-flight stream was allowed to finish
+        finished = {c["index"]: c["finish_reason"] for e in events[:-1] for c in json.loads(e)["choices"]
+                    if c.get("finish_reason")}
+        assert finished == {i: "length" for i in range(PROMPTS)}
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -32,20 +32,56 @@ def _snapshot(replica: str, prompt: int, finished: int, experts: list[list[int]]
             "samples": samples}
 
 
-def test_fold_adds_deltas_and_survives_a_replica_restart():
+def test_fold_keeps_one_series_per_replica():
     m = GatewayMetrics("m")
     m.fold(_snapshot("a", 10, 2, [[3, 1]], ttft=[0.1, 0.2]))
-    m.fold(_snapshot("a", 15, 3, [[5, 3]], ttft=[0.3]))
-    m.fold(_snapshot("b", 4, 1, [[1, 1]]))  # a new replica (the old one was replaced) starts from 0
+    m.fold(_snapshot("a", 15, 3, [[5, 3]], ttft=[0.3]))  # cumulative values replace, raw samples add up
+    m.fold(_snapshot("b", 4, 1, [[1, 1]]))
     text = m.render().decode()
+    assert metric(text, "grok_serve:prompt_tokens_total", replica="a") == 15
     assert metric(text, "grok_serve:prompt_tokens_total") == 19
     assert metric(text, "grok_serve:request_success_total", finished_reason="stop") == 4
     assert metric(text, "grok_serve:expert_tokens_total", layer="0", expert="0") == 6
-    assert metric(text, "grok_serve:time_to_first_token_seconds_count") == 3
-    assert metric(text, "grok_serve:num_requests_waiting") == 2
-    assert metric(text, "grok_serve:expert_load_imbalance", layer="0") == 1.0
-    m.fold(_snapshot("b", 2, 1, [[1, 1]]))  # the same replica restarted once more: counts from 0 again
-    assert metric(m.render().decode(), "grok_serve:prompt_tokens_total") == 21
+    assert metric(text, "grok_serve:time_to_first_token_seconds_count", replica="a") == 3
+    assert metric(text, "grok_serve:time_to_first_token_seconds_bucket", replica="a", le="0.5") == 3
+    assert metric(text, "grok_serve:num_requests_waiting", replica="b") == 2
+    assert metric(text, "grok_serve:expert_load_imbalance", replica="a", layer="0") == 1.25
+    assert metric(text, "grok_serve:expert_load_imbalance", replica="b", layer="0") == 1.0
+    m.fold(_snapshot("b", 2, 1, [[1, 1]]))  # b restarted: its counter resets, which Prometheus handles
+    assert metric(m.render().decode(), "grok_serve:prompt_tokens_total", replica="b") == 2
+
+
+def test_a_collection_replaces_replicas_and_keeps_other_gateways():
+    m = GatewayMetrics("m", gateway="g1")
+    m.http_request("GET", "/v1/models", 200)
+    other = {"gateway": "g2", "counters": {"http": [["GET", "/v1/models", "200", 5]], "disconnects": 1,
+                                            "scrape_errors": 0}}
+    mine_as_published = {"gateway": "g1", "counters": {"http": [["GET", "/v1/models", "200", 99]]}}
+    a, b = _snapshot("a", 10, 2, [[3, 1]]), _snapshot("b", 4, 1, [[1, 1]])
+    m.fold({"engines": [{**a, "age_s": 1.0}, {**b, "age_s": 2.0}], "gateways": [other, mine_as_published]})
+    text = m.render().decode()
+    assert metric(text, "grok_serve:prompt_tokens_total") == 14
+    assert metric(text, "grok_serve:http_requests_total", gateway="g1") == 1  # its own, live
+    assert metric(text, "grok_serve:http_requests_total", gateway="g2") == 5
+    assert metric(text, "grok_serve:request_disconnects_total") == 1
+    assert metric(text, "grok_serve:engine_snapshot_age_seconds", replica="b") >= 2.0
+    assert metric(text, "grok_serve:engine_scrape_errors_total") == 0
+    # Replica a is gone (replaced), b's numbers are stale: a scrape error, b still exported.
+    m.fold({"engines": [{**b, "age_s": 600.0}], "gateways": [other]})
+    text = m.render().decode()
+    assert metric(text, "grok_serve:prompt_tokens_total", replica="a") == 0
+    assert metric(text, "grok_serve:prompt_tokens_total", replica="b") == 4
+    assert metric(text, "grok_serve:engine_scrape_errors_total", gateway="g1") == 1
+
+
+def test_gauges_an_engine_does_not_report_are_left_out():
+    # vLLM's client reports running sequences only: waiting and KV usage must not read as 0.
+    m = GatewayMetrics("m")
+    m.fold({"replica": "v", "counters": {"prompt_tokens": 3}, "gauges": {"running": 1},
+            "samples": {"ttft": [0.1], "itl": [], "e2e": []}})
+    text = m.render().decode()
+    assert "grok_serve:num_requests_running{" in text
+    assert "grok_serve:num_requests_waiting{" not in text and "grok_serve:kv_cache_usage_perc{" not in text
 
 
 def test_registries_are_per_app():

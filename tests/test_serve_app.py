@@ -15,13 +15,12 @@ import numpy as np
 import openai
 import pytest
 
-from tests.test_gateway_support import REFERENCE_TINY, free_port, metric, reference_tiny_or_skip, wait_until
+from tests.serve_support import served_app
+from tests.test_gateway_support import REFERENCE_TINY, metric, reference_tiny_or_skip, wait_until
 
 ray = pytest.importorskip("ray")
-from ray import serve
 
 from services.gateway.config import load_config
-from services.serve_app import build_application
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 
@@ -43,15 +42,8 @@ def served():
                               "health_check_timeout_s": 10, "graceful_shutdown_timeout_s": 5},
         "gateway_deployment": {"num_cpus": 0.1, "graceful_shutdown_timeout_s": 5},
     })
-    port = free_port()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="grok-serve-tests")
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_application(config), name=APP, route_prefix="/")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    with served_app(config, APP) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

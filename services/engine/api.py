@@ -227,5 +227,7 @@ class EngineClient(StreamingEngineClient, Protocol):
     async def metrics_snapshot(self) -> dict[str, Any]:
         """The engine's numbers as plain data, for services.gateway.metrics.GatewayMetrics.fold:
         `replica`, `time`, `counters` (cumulative), `finished` (sequences by finish reason), `gauges`
-        (current), `samples` (histogram observations since the last snapshot, handed out once) and,
-        where the engine has them, `expert_tokens` [layer][expert] and `rank_expert_tokens` [rank]."""
+        (current), `samples` (per histogram: cumulative bucket counts, `{"bounds", "counts", "sum"}`
+        as services/engine/histogram.py keeps them, or a list of the observations made since the last
+        snapshot, handed out once) and, where the engine has them, `expert_tokens` [layer][expert] and
+        `rank_expert_tokens` [rank]. A gauge the engine does not measure is left out, not set to 0."""

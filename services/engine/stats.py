@@ -1,13 +1,16 @@
-"""Engine statistics: counters and recent samples that the gateway exports as metrics.
+"""Engine statistics: counters, and histograms the gateway exports as metrics.
 
-Plain numbers and lists, read and reset by the exporter (`drain`), so the engine never depends on a
-metrics library."""
+Plain numbers and fixed-bucket histograms (histogram.py), so the engine never depends on a metrics
+library and its statistics take the same memory after a billion tokens as after one, whether or not
+anything reads them."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
+from services.engine.histogram import ENGINE_BUCKETS, BucketHistogram
 from services.engine.kv_cache import BlockManager
 from services.engine.scheduler import SchedulerOutput
 from services.engine.sequence import Sequence
@@ -30,29 +33,27 @@ class EngineStats:
     prefix_hits: int = 0
     forward_s_total: float = 0.0
     step_s_total: float = 0.0
-    # Samples since the last drain (seconds / counts), for histograms.
-    ttft: list[float] = field(default_factory=list)
-    itl: list[float] = field(default_factory=list)
-    e2e: list[float] = field(default_factory=list)
-    queue: list[float] = field(default_factory=list)
-    # Per finished sequence: first scheduled -> first token (prefill, chunks and waits between them
-    # included), first token -> finish (decode).
-    prefill: list[float] = field(default_factory=list)
-    decode: list[float] = field(default_factory=list)
-    tokens_per_step: list[int] = field(default_factory=list)
+    # Since start, by snapshot key (histogram.ENGINE_BUCKETS): ttft, itl, e2e, queue; per finished
+    # sequence prefill (first scheduled -> first token, chunks and the waits between them included) and
+    # decode (first token -> finish); tokens_per_step; collective_s (rank 0's collective time per step).
+    histograms: dict[str, BucketHistogram] = field(default_factory=dict)
     expert_tokens: list[list[int]] = field(default_factory=list)  # [L][E] cumulative
     # Parallel groups (services/engine/parallel_runner.py). Collective time is rank 0's wall time inside
     # the model's all-reduces and gathers, waiting for the slowest rank included.
     collective_s_total: float = 0.0
     step_broadcast_s_total: float = 0.0  # rank 0 sending each step's description to the other ranks
-    collective_s: list[float] = field(default_factory=list)  # per step, since the last drain
     rank_expert_tokens: list[int] = field(default_factory=list)  # [N] cumulative routes run by each rank
 
     def __post_init__(self) -> None:
         self.expert_tokens = [[0] * self.num_experts for _ in range(self.num_layers)]
+        self.histograms = {key: BucketHistogram(bounds) for key, bounds in ENGINE_BUCKETS.items()}
+        # Only sequences that are still running have an entry: it is dropped when they finish.
         self._last_token_time: dict[int, float] = {}
         # Sequences finished during a step: forgotten only after that step's samples are taken.
         self._finished_seq_ids: set[int] = set()
+
+    def _observe(self, key: str, value: float) -> None:
+        self.histograms[key].observe(value)
 
     def record_step(self, step: SchedulerOutput, expert_counts: torch.Tensor, forward_s: float,
                     step_s: float, blocks: BlockManager) -> None:
@@ -62,18 +63,18 @@ class EngineStats:
         self.prompt_tokens += step.num_prefill_tokens
         self.generation_tokens += len(step.sampled)
         if not step.is_empty:
-            self.tokens_per_step.append(step.num_batched_tokens)
+            self._observe("tokens_per_step", step.num_batched_tokens)
         self.preemptions += len(step.preempted_seq_ids)
         self.kv_usage = blocks.usage
         self.prefix_queries, self.prefix_hits = blocks.prefix_cache_queries, blocks.prefix_cache_hits
         for s in step.sampled:
             seq = s.seq
             if seq.num_output_tokens == 1 and seq.first_token_time is not None:
-                self.ttft.append(seq.first_token_time - seq.arrival_time)
+                self._observe("ttft", seq.first_token_time - seq.arrival_time)
                 if seq.first_scheduled_time is not None:
-                    self.queue.append(seq.first_scheduled_time - seq.arrival_time)
+                    self._observe("queue", seq.first_scheduled_time - seq.arrival_time)
             elif seq.last_token_time is not None and seq.seq_id in self._last_token_time:
-                self.itl.append(seq.last_token_time - self._last_token_time[seq.seq_id])
+                self._observe("itl", seq.last_token_time - self._last_token_time[seq.seq_id])
             if seq.last_token_time is not None:
                 self._last_token_time[seq.seq_id] = seq.last_token_time
         for seq_id in self._finished_seq_ids:
@@ -90,7 +91,7 @@ class EngineStats:
     def record_collectives(self, collective_s: float, broadcast_s: float, rank_tokens: list[int]) -> None:
         self.collective_s_total += collective_s
         self.step_broadcast_s_total += broadcast_s
-        self.collective_s.append(collective_s)
+        self._observe("collective_s", collective_s)
         if len(self.rank_expert_tokens) < len(rank_tokens):
             self.rank_expert_tokens += [0] * (len(rank_tokens) - len(self.rank_expert_tokens))
         for rank, tokens in enumerate(rank_tokens):
@@ -100,22 +101,20 @@ class EngineStats:
         reason = seq.finish_reason or "abort"
         self.finished_by_reason[reason] = self.finished_by_reason.get(reason, 0) + 1
         if seq.finished_time is not None:
-            self.e2e.append(seq.finished_time - seq.arrival_time)
+            self._observe("e2e", seq.finished_time - seq.arrival_time)
             if seq.first_token_time is not None:
-                self.decode.append(seq.finished_time - seq.first_token_time)
+                self._observe("decode", seq.finished_time - seq.first_token_time)
                 if seq.first_scheduled_time is not None:
-                    self.prefill.append(seq.first_token_time - seq.first_scheduled_time)
+                    self._observe("prefill", seq.first_token_time - seq.first_scheduled_time)
         self._finished_seq_ids.add(seq.seq_id)
 
     def record_abort(self, num_seqs: int) -> None:
         self.aborts += num_seqs
 
-    def drain(self) -> dict[str, list]:
-        """Histogram samples since the last call (and forget them)."""
-        out = {"ttft": self.ttft, "itl": self.itl, "e2e": self.e2e, "queue": self.queue,
-               "prefill": self.prefill, "decode": self.decode,
-               "tokens_per_step": self.tokens_per_step, "collective_s": self.collective_s}
-        self.ttft, self.itl, self.e2e, self.queue, self.tokens_per_step = [], [], [], [], []
-        self.prefill, self.decode = [], []
-        self.collective_s = []
-        return out
+    def histogram_states(self) -> dict[str, dict[str, Any]]:
+        """Every histogram since start as plain data (BucketHistogram.state), for a snapshot."""
+        return {key: h.state() for key, h in self.histograms.items()}
+
+    # The snapshot (LLMEngine.metrics_snapshot) reads its histograms under this name. Reading no longer
+    # resets anything: the histograms are cumulative, so any number of readers see the same figures.
+    drain = histogram_states

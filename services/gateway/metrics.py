@@ -1,44 +1,81 @@
 """Prometheus metrics: vLLM's set under the `grok_serve:` prefix, plus per-expert routing and disconnects.
 
-The engine replica owns the engine's numbers; its client's `metrics_snapshot` (services/engine/api.py)
-turns them into plain data (cumulative counters, current gauges, histogram samples drained since the
-last call). The gateway asks the engine for a snapshot on each scrape and folds it into its own registry (`GatewayMetrics`, one
-`CollectorRegistry` per app, never the process-global one), so a scrape of the HTTP port sees both
-the engine and the gateway. Counters are folded as deltas per engine replica, so a restarted replica
-(whose counters start again at 0) never makes an exported counter go down.
+Every engine replica's numbers are exported as its own series, labelled `replica`; the gateway's own
+counters are labelled `gateway` (its replica). A scrape reaches one gateway replica, and that one
+answers for all of them:
+
+- An engine replica keeps its numbers cumulative (`ReplicaSeries`: counters, gauges, fixed-bucket
+  histograms; services/engine/histogram.py), so reading them twice, or from two gateways, gives the
+  same figures, and a replaced replica is a new series whose counters start at 0 (Prometheus' `rate`
+  takes a counter reset in its stride).
+- Under Ray Serve, each engine and gateway replica publishes its numbers every few seconds to a small
+  registry actor (services/serve_metrics.py), and `/metrics` renders the registry's collection: a
+  handle call reaches one replica, the registry holds them all. The age of each engine replica's
+  numbers is exported (`engine_snapshot_age_seconds`); stale or unreadable ones count as
+  `engine_scrape_errors`.
+- An engine in this process (`LocalEngineClient`, tests) hands its snapshot straight to `fold`.
+
+A snapshot (services/engine/api.py, `EngineClient.metrics_snapshot`) carries histograms either as
+cumulative bucket states (`{"bounds", "counts", "sum"}`) or as raw observations made since the last
+snapshot (lists, from an engine that keeps them until read); a `ReplicaSeries` turns both into
+cumulative states. Gauges an engine does not report (vLLM's waiting queue and KV cache) are left out
+rather than exported as 0.
 
 `METRICS` is the one table of names: docs/metrics.md, alerts and dashboards are checked against
 `METRIC_NAMES`.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.utils import floatToGoString
+
+from services.engine.histogram import (
+    ENGINE_BUCKETS,
+    ITL_BUCKETS,
+    LATENCY_BUCKETS,
+    REQUEST_BUCKETS,
+    STEP_TOKEN_BUCKETS,
+    BucketHistogram,
+)
 
 PREFIX = "grok_serve:"
-
-_LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
-                    10.0, 20.0, 40.0, 80.0, 160.0, 640.0)
-_ITL_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0,
-                10.0, 20.0, 40.0, 80.0)
-_REQUEST_BUCKETS = (0.01, 0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0,
-                    50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
-_STEP_TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+# The label that tells engine replicas apart, and the one that tells gateway replicas apart.
+ENGINE_LABEL, GATEWAY_LABEL = "replica", "gateway"
+# An engine replica whose numbers are older than this is counted as a scrape error (its figures are
+# still exported, with their age).
+STALE_AFTER_S = 15.0
 
 
 @dataclass(frozen=True)
 class MetricSpec:
-    name: str  # without PREFIX; counters without "_total" (prometheus_client appends it)
+    name: str  # without PREFIX; counters without "_total" (the exposition appends it)
     kind: str  # "counter" | "gauge" | "histogram"
     help: str
-    labels: tuple[str, ...] = ()  # besides model_name, which every metric carries
+    labels: tuple[str, ...] = ()  # besides model_name and the source's label, which every metric carries
     buckets: tuple[float, ...] = ()
+    source: str = "engine"  # "engine": one series per engine replica; "gateway": per gateway replica
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("counter", "gauge", "histogram"):
+            raise ValueError(f"{self.name}: unknown kind {self.kind!r}")
+        if self.source not in ("engine", "gateway"):
+            raise ValueError(f"{self.name}: unknown source {self.source!r}")
+        if (self.kind == "histogram") != bool(self.buckets):
+            raise ValueError(f"{self.name}: histograms, and only they, have buckets")
 
     @property
     def family(self) -> str:
         return PREFIX + self.name
+
+    @property
+    def label_names(self) -> tuple[str, ...]:
+        return ("model_name", ENGINE_LABEL if self.source == "engine" else GATEWAY_LABEL, *self.labels)
 
     @property
     def series(self) -> tuple[str, ...]:
@@ -67,19 +104,19 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("request_aborts", "counter", "Sequences aborted before finishing (client gone, cancelled)."),
     # Latency (engine).
     MetricSpec("time_to_first_token_seconds", "histogram", "From arrival at the engine to the first "
-               "generated token.", (), _LATENCY_BUCKETS),
+               "generated token.", (), LATENCY_BUCKETS),
     MetricSpec("inter_token_latency_seconds", "histogram", "Between consecutive generated tokens of a "
-               "sequence.", (), _ITL_BUCKETS),
+               "sequence.", (), ITL_BUCKETS),
     MetricSpec("e2e_request_latency_seconds", "histogram", "From arrival at the engine to the sequence's "
-               "finish.", (), _REQUEST_BUCKETS),
+               "finish.", (), REQUEST_BUCKETS),
     MetricSpec("request_queue_time_seconds", "histogram", "From arrival at the engine to the first time "
-               "it is scheduled.", (), _REQUEST_BUCKETS),
+               "it is scheduled.", (), REQUEST_BUCKETS),
     MetricSpec("request_prefill_time_seconds", "histogram", "From a sequence's first scheduling to its "
-               "first generated token (every prefill chunk, and the waits between them).", (), _REQUEST_BUCKETS),
+               "first generated token (every prefill chunk, and the waits between them).", (), REQUEST_BUCKETS),
     MetricSpec("request_decode_time_seconds", "histogram", "From a sequence's first generated token to its "
-               "finish.", (), _REQUEST_BUCKETS),
+               "finish.", (), REQUEST_BUCKETS),
     MetricSpec("iteration_tokens_total", "histogram", "Tokens in one engine step (prefill chunks plus "
-               "decodes).", (), _STEP_TOKEN_BUCKETS),
+               "decodes).", (), STEP_TOKEN_BUCKETS),
     MetricSpec("engine_step_seconds", "counter", "Wall time spent in engine steps."),
     MetricSpec("model_forward_seconds", "counter", "Wall time spent in the model's forward passes."),
     # Mixture of experts (engine).
@@ -94,13 +131,16 @@ METRICS: tuple[MetricSpec, ...] = (
                "to the other ranks."),
     MetricSpec("rank_expert_tokens", "counter", "Routed (token, expert) pairs computed by each rank of the "
                "parallel group (expert e lives on rank e mod N).", ("rank",)),
+    # Freshness (engine, as the answering gateway sees it).
+    MetricSpec("engine_snapshot_age_seconds", "gauge", "Age of the engine replica's numbers in this "
+               "scrape (they are published every few seconds; large when the replica stopped publishing)."),
     # Gateway.
     MetricSpec("http_requests", "counter", "HTTP requests answered, by method, route and status code.",
-               ("method", "route", "status")),
+               ("method", "route", "status"), source="gateway"),
     MetricSpec("request_disconnects", "counter", "Requests whose client went away before the answer was "
-               "complete (the engine request is aborted)."),
-    MetricSpec("engine_scrape_errors", "counter", "Scrapes for which the engine's snapshot could not be "
-               "read."),
+               "complete (the engine request is aborted).", source="gateway"),
+    MetricSpec("engine_scrape_errors", "counter", "Scrapes answered without current numbers from every "
+               "engine replica (none could be read in time, or one's are stale).", source="gateway"),
 )
 
 METRIC_NAMES: frozenset[str] = frozenset(s for spec in METRICS for s in spec.series)
@@ -113,7 +153,9 @@ _ENGINE_COUNTERS = {
     "step_seconds": "engine_step_seconds", "forward_seconds": "model_forward_seconds",
     "collective_seconds": "collective_seconds", "step_broadcast_seconds": "step_broadcast_seconds",
 }
-_ENGINE_SAMPLES = {
+_ENGINE_GAUGES = {"running": "num_requests_running", "waiting": "num_requests_waiting",
+                  "kv_usage": "kv_cache_usage_perc"}
+_ENGINE_HISTOGRAMS = {
     "ttft": "time_to_first_token_seconds", "itl": "inter_token_latency_seconds",
     "e2e": "e2e_request_latency_seconds", "queue": "request_queue_time_seconds",
     "prefill": "request_prefill_time_seconds", "decode": "request_decode_time_seconds",
@@ -121,70 +163,158 @@ _ENGINE_SAMPLES = {
 }
 
 
+@dataclass
+class ReplicaSeries:
+    """One engine replica's numbers, cumulative since it started."""
+
+    replica: str
+    counters: dict[str, float] = field(default_factory=dict)
+    finished: dict[str, float] = field(default_factory=dict)
+    gauges: dict[str, float] = field(default_factory=dict)
+    expert_tokens: list[list[int]] = field(default_factory=list)
+    rank_expert_tokens: list[int] = field(default_factory=list)
+    histograms: dict[str, BucketHistogram] = field(default_factory=dict)
+
+    def fold(self, snapshot: Mapping[str, Any]) -> None:
+        """Take a newer snapshot of this replica: cumulative values replace, raw samples add up."""
+        self.counters.update(snapshot.get("counters", {}))
+        self.finished.update(snapshot.get("finished", {}))
+        # Whatever the engine reports now; a gauge it never reports stays out of the export.
+        self.gauges = dict(snapshot.get("gauges", {}))
+        if "expert_tokens" in snapshot:
+            self.expert_tokens = [list(row) for row in snapshot["expert_tokens"]]
+        if "rank_expert_tokens" in snapshot:
+            self.rank_expert_tokens = list(snapshot["rank_expert_tokens"])
+        for section in ("samples", "histograms"):
+            for key, value in snapshot.get(section, {}).items():
+                if isinstance(value, Mapping):
+                    self.histograms[key] = BucketHistogram.from_state(value)
+                elif key in ENGINE_BUCKETS:
+                    self.histograms.setdefault(key, BucketHistogram(ENGINE_BUCKETS[key])).observe_all(value)
+
+    def to_snapshot(self) -> dict[str, Any]:
+        """The cumulative form, which any number of readers may fold (the registry's entries)."""
+        return {"replica": self.replica, "counters": dict(self.counters), "finished": dict(self.finished),
+                "gauges": dict(self.gauges), "expert_tokens": [list(r) for r in self.expert_tokens],
+                "rank_expert_tokens": list(self.rank_expert_tokens),
+                "histograms": {key: h.state() for key, h in self.histograms.items()}}
+
+
+@dataclass
+class GatewayCounters:
+    """One gateway replica's own counters."""
+
+    http: dict[tuple[str, str, str], float] = field(default_factory=dict)  # (method, route, status)
+    disconnects: float = 0
+    scrape_errors: float = 0
+
+    def state(self) -> dict[str, Any]:
+        return {"http": [[*key, n] for key, n in self.http.items()], "disconnects": self.disconnects,
+                "scrape_errors": self.scrape_errors}
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any]) -> GatewayCounters:
+        return cls({(m, r, s): n for m, r, s, n in state.get("http", [])}, state.get("disconnects", 0),
+                   state.get("scrape_errors", 0))
+
+
 class GatewayMetrics:
-    """The app's registry and the gateway's own counters; `fold` adds an engine snapshot."""
+    """The app's registry (one `CollectorRegistry` per app, never the process-global one): this gateway's
+    counters, other gateways' as last published, and every engine replica's series (`fold`)."""
 
-    def __init__(self, model_name: str):
+    def __init__(self, model_name: str, gateway: str = "local"):
         self.model_name = model_name
+        self.gateway = gateway
+        self.own = GatewayCounters()
+        self._peers: dict[str, GatewayCounters] = {}
+        # replica -> (its series, monotonic time its numbers were current)
+        self._engines: dict[str, tuple[ReplicaSeries, float]] = {}
         self.registry = CollectorRegistry()
-        self._metrics: dict[str, Any] = {}
-        kinds = {"counter": Counter, "gauge": Gauge, "histogram": Histogram}
-        for spec in METRICS:
-            kwargs: dict[str, Any] = {"registry": self.registry}
-            if spec.kind == "histogram":
-                kwargs["buckets"] = spec.buckets
-            self._metrics[spec.name] = kinds[spec.kind](spec.family, spec.help,
-                                                        ("model_name", *spec.labels), **kwargs)
-        # Last cumulative value seen per (replica, counter key), to fold deltas.
-        self._seen: dict[tuple[str, str], float] = {}
+        self.registry.register(_Collector(self))
 
-    def _m(self, name: str, **labels: str):
-        return self._metrics[name].labels(model_name=self.model_name, **labels)
-
-    def _add(self, replica: str, key: str, value: float, name: str, **labels: str) -> None:
-        last = self._seen.get((replica, key), 0)
-        # A smaller value than last time: the replica restarted and counts from 0 again.
-        delta = value - last if value >= last else value
-        self._seen[(replica, key)] = value
-        if delta > 0:
-            self._m(name, **labels).inc(delta)
-
-    def fold(self, snapshot: dict[str, Any]) -> None:
-        replica = str(snapshot.get("replica", ""))
-        for key, value in snapshot.get("counters", {}).items():
-            if key in _ENGINE_COUNTERS:
-                self._add(replica, key, value, _ENGINE_COUNTERS[key])
-        for reason, value in snapshot.get("finished", {}).items():
-            self._add(replica, f"finished:{reason}", value, "request_success", finished_reason=str(reason))
-        for layer, row in enumerate(snapshot.get("expert_tokens", [])):
-            for expert, value in enumerate(row):
-                self._add(replica, f"expert:{layer}:{expert}", value, "expert_tokens",
-                          layer=str(layer), expert=str(expert))
-            if row and sum(row) > 0:
-                self._m("expert_load_imbalance", layer=str(layer)).set(max(row) * len(row) / sum(row))
-        for rank, value in enumerate(snapshot.get("rank_expert_tokens", [])):
-            self._add(replica, f"rank:{rank}", value, "rank_expert_tokens", rank=str(rank))
-        gauges = snapshot.get("gauges", {})
-        self._m("num_requests_running").set(gauges.get("running", 0))
-        self._m("num_requests_waiting").set(gauges.get("waiting", 0))
-        self._m("kv_cache_usage_perc").set(gauges.get("kv_usage", 0.0))
-        for key, values in snapshot.get("samples", {}).items():
-            if key in _ENGINE_SAMPLES:
-                histogram = self._m(_ENGINE_SAMPLES[key])
-                for value in values:
-                    histogram.observe(value)
+    def fold(self, snapshot: Mapping[str, Any]) -> None:
+        """An engine replica's snapshot, or a collection of every replica's (`{"engines": [snapshot with
+        "age_s", ...], "gateways": [{"gateway", "counters"}, ...]}`), which replaces what was known."""
+        now = time.monotonic()
+        if "engines" not in snapshot:
+            replica = str(snapshot.get("replica", ""))
+            series = self._engines.get(replica, (ReplicaSeries(replica), now))[0]
+            series.fold(snapshot)
+            self._engines[replica] = (series, now)
+            return
+        engines = {}
+        for entry in snapshot["engines"]:
+            series = ReplicaSeries(str(entry.get("replica", "")))
+            series.fold(entry)
+            engines[series.replica] = (series, now - float(entry.get("age_s", 0.0)))
+        self._engines = engines
+        self._peers = {str(g["gateway"]): GatewayCounters.from_state(g.get("counters", {}))
+                       for g in snapshot.get("gateways", []) if str(g.get("gateway")) != self.gateway}
+        if not engines or any(now - at > STALE_AFTER_S for _, at in engines.values()):
+            self.scrape_error()
 
     def http_request(self, method: str, route: str, status: int) -> None:
-        self._m("http_requests", method=method, route=route, status=str(status)).inc()
+        key = (method, route, str(status))
+        self.own.http[key] = self.own.http.get(key, 0) + 1
 
     def disconnect(self) -> None:
-        self._m("request_disconnects").inc()
+        self.own.disconnects += 1
 
     def scrape_error(self) -> None:
-        self._m("engine_scrape_errors").inc()
+        self.own.scrape_errors += 1
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+    # --- exposition ------------------------------------------------------------------------------
+    def families(self) -> Iterator[Metric]:
+        now = time.monotonic()
+        families = {spec.name: _family(spec) for spec in METRICS}
+
+        def add(name: str, source: str, value: float, *labels: str) -> None:
+            families[name].add_metric([self.model_name, source, *labels], value)
+
+        for replica, (s, at) in sorted(self._engines.items()):
+            add("engine_snapshot_age_seconds", replica, max(0.0, now - at))
+            for key, value in s.counters.items():
+                if key in _ENGINE_COUNTERS:
+                    add(_ENGINE_COUNTERS[key], replica, value)
+            for reason, value in s.finished.items():
+                add("request_success", replica, value, str(reason))
+            for key, value in s.gauges.items():
+                if key in _ENGINE_GAUGES:
+                    add(_ENGINE_GAUGES[key], replica, value)
+            for layer, row in enumerate(s.expert_tokens):
+                for expert, value in enumerate(row):
+                    add("expert_tokens", replica, value, str(layer), str(expert))
+                if row and sum(row) > 0:
+                    add("expert_load_imbalance", replica, max(row) * len(row) / sum(row), str(layer))
+            for rank, value in enumerate(s.rank_expert_tokens):
+                add("rank_expert_tokens", replica, value, str(rank))
+            for key, name in _ENGINE_HISTOGRAMS.items():
+                h = s.histograms.get(key)
+                if h is not None:
+                    buckets = [(floatToGoString(b), n) for b, n in h.cumulative()]
+                    families[name].add_metric([self.model_name, replica], buckets, h.sum)
+        for gateway, counters in sorted({**self._peers, self.gateway: self.own}.items()):
+            for (method, route, status), n in sorted(counters.http.items()):
+                add("http_requests", gateway, n, method, route, status)
+            add("request_disconnects", gateway, counters.disconnects)
+            add("engine_scrape_errors", gateway, counters.scrape_errors)
+        yield from families.values()
+
+
+def _family(spec: MetricSpec) -> Metric:
+    kind = {"counter": CounterMetricFamily, "gauge": GaugeMetricFamily, "histogram": HistogramMetricFamily}
+    return kind[spec.kind](spec.family, spec.help, labels=spec.label_names)
+
+
+class _Collector:
+    def __init__(self, metrics: GatewayMetrics):
+        self._metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        return self._metrics.families()
 
 
 class HttpMetricsMiddleware:
