@@ -94,10 +94,13 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         for r0 in range(0, chunk.query_len, PREFILL_QUERY_ROWS):
             r1 = min(chunk.query_len, r0 + PREFILL_QUERY_ROWS)
             rows = slice(chunk.query_start + r0, chunk.query_start + r1)
-            query_pos = torch.arange(L - chunk.query_len + r0, L - chunk.query_len + r1, device=q.device)
-            mask = keys[None, :] <= query_pos[:, None]  # [rows, L], causal
+            # Causal: no row of this block sees past its last row's position, so the keys beyond it
+            # are left out rather than computed and masked (half the work of a whole-prompt prefill).
+            seen = L - chunk.query_len + r1
+            query_pos = torch.arange(seen - (r1 - r0), seen, device=q.device)
+            mask = keys[None, :seen] <= query_pos[:, None]  # [rows, seen]
             qp = q[rows].permute(1, 2, 0, 3).reshape(heads, 1, groups * (r1 - r0), dh)  # [K, 1, G*rows, Dh]
-            mask = mask.repeat(groups, 1)  # [G*rows, L], rows of each q head in turn
-            att = _attend(qp, k, v, mask, multiplier, softcap)  # [K, 1, G*rows, Dh]
+            mask = mask.repeat(groups, 1)  # [G*rows, seen], rows of each q head in turn
+            att = _attend(qp, k[:, :, :seen], v[:, :, :seen], mask, multiplier, softcap)  # [K, 1, G*rows, Dh]
             out[rows] = att.view(heads, groups, r1 - r0, dh).permute(2, 0, 1, 3)
     return out
