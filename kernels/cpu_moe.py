@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .cpu_packing import packed_matmul
+from .cpu_packing import onednn_linear, packed_matmul
 from .expert_weights import ExpertWeights
 from .moe_inputs import check_moe_inputs
 from .reference import gelu_tanh, softmax_topk
@@ -60,7 +60,7 @@ def float32_mm(a: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     # Given [in, out] storage it wins up to K = 6144 too, but at K = 32768 it is up to 2.7x slower
     # than MKL.
     if _ONEDNN_LINEAR is not None and (stored_transposed(weight) or weight.shape[0] <= _ONEDNN_MAX_K_IN_OUT):
-        return _ONEDNN_LINEAR(a, weight.t(), None, "none", [], "")
+        return onednn_linear(a, weight.t())
     return a @ weight
 
 

@@ -32,10 +32,39 @@ def pack_weight(w: torch.Tensor) -> torch.Tensor | None:
     return _ONEDNN[1](w.t().contiguous(), None)  # oneDNN takes [N, K], nn.Linear's order
 
 
+# oneDNN keeps state for every distinct row count a weight shape is called with (0.5 to 0.8 MB each,
+# never released): an engine serving mixed batch sizes grew by hundreds of MB. Row counts are rounded
+# up to a bounded set instead: exact up to EXACT_ROWS, then ROUNDINGS_PER_OCTAVE sizes per power of
+# two, so at most 1/8 of a call's rows are padding and a weight shape sees at most
+# EXACT_ROWS + 8 * log2(rows / EXACT_ROWS) distinct counts.
+EXACT_ROWS = 16
+ROUNDINGS_PER_OCTAVE = 8
+
+
+def padded_rows(n: int) -> int:
+    """The row count oneDNN is called with for n rows."""
+    if n <= EXACT_ROWS:
+        return n
+    octave = 1 << ((n - 1).bit_length() - 1)  # octave < n <= 2 * octave
+    step = octave // ROUNDINGS_PER_OCTAVE
+    return -(-n // step) * step
+
+
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor, min_rows: int = 1) -> torch.Tensor:
+    """x float32 [T, K] @ weight [N, K] (plain [out, in] or packed) through oneDNN, on padded_rows(T)
+    rows (at least min_rows); zero rows cost no extra weight traffic and are dropped from the result."""
+    n = x.shape[0]
+    rows = max(padded_rows(n), min_rows)
+    if rows != n:
+        padded = x.new_zeros(rows, x.shape[1])
+        padded[:n] = x
+        x = padded
+    out = _ONEDNN[0](x, weight, None, "none", [], "")
+    return out if rows == n else out[:n]
+
+
 def packed_matmul(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
     """x float32 [T, K] @ the packed [K, N] weight -> [T, N]."""
-    if x.shape[0] == 2:
-        # oneDNN's two-row kernel streams the weight at about 12 GB/s against 18 at three rows (same
-        # machine as above): a zero third row costs no extra weight traffic.
-        return _ONEDNN[0](torch.cat([x, x.new_zeros(1, x.shape[1])]), packed, None, "none", [], "")[:2]
-    return _ONEDNN[0](x, packed, None, "none", [], "")
+    # oneDNN's two-row kernel streams the weight at about 12 GB/s against 18 at three rows (same
+    # machine as above): two rows run as three.
+    return onednn_linear(x, packed, min_rows=3 if x.shape[0] == 2 else 1)
