@@ -239,5 +239,5 @@ class LLMEngine:
             "gauges": {"running": self.scheduler.num_running, "waiting": self.scheduler.num_waiting,
                        "kv_usage": blocks.usage},
             "expert_tokens": [list(row) for row in stats.expert_tokens],
-            "samples": stats.drain(),
+            "samples": stats.histogram_states(),
         }

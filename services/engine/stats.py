@@ -112,9 +112,6 @@ class EngineStats:
         self.aborts += num_seqs
 
     def histogram_states(self) -> dict[str, dict[str, Any]]:
-        """Every histogram since start as plain data (BucketHistogram.state), for a snapshot."""
+        """Every histogram since start as plain data (BucketHistogram.state), for a snapshot. Reading
+        resets nothing: the histograms are cumulative, so any number of readers see the same figures."""
         return {key: h.state() for key, h in self.histograms.items()}
-
-    # The snapshot (LLMEngine.metrics_snapshot) reads its histograms under this name. Reading no longer
-    # resets anything: the histograms are cumulative, so any number of readers see the same figures.
-    drain = histogram_states
