@@ -268,6 +268,7 @@ loader's defaults apply to the build) and set in the per-deployment overrides be
 {{- $engine := dict
   "model" (include "grok-serve.engineModel" .)
   "dtype" $v.model.dtype
+  "expert_dtype" ($v.model.expertDtype | default "auto")
   "load_format" (ternary "dummy" $v.model.loadFormat (eq $v.model.source "preset"))
   "device" $e.device
   "seed" $e.seed
