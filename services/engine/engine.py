@@ -4,7 +4,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Sequence as Seq
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +15,7 @@ from services.engine.config import EngineConfig
 from services.engine.kv_cache import BlockManager, num_kv_blocks
 from services.engine.outputs import CompletionOutput, RequestOutput, Usage
 from services.engine.runner import ModelRunner
-from services.engine.sampler import Sampler
+from services.engine.sampler import Sampler, prompt_logprobs
 from services.engine.sampling_params import SamplingParams
 from services.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from services.engine.sequence import Sequence
@@ -41,6 +41,7 @@ class _Request:
     seqs: list[Sequence]
     texts: list[_SeqText]
     reported_finished: set[int] = field(default_factory=set)
+    prompt_logprobs_sent: bool = False
 
 
 class LLMEngine:
@@ -161,12 +162,29 @@ class LLMEngine:
     def _update(self, scheduled: SchedulerOutput, logits: torch.Tensor) -> set[str]:
         """Sample the next tokens and hand them to the scheduler; returns the requests they belong to."""
         seqs = [s.seq for s in scheduled.sampled]
+        rows = scheduled.prompt_logprob_rows()
+        if rows:
+            self._record_prompt_logprobs(rows, logits[len(seqs):])
+            logits = logits[:len(seqs)]
         sampled = self.sampler.sample_sequences(logits, seqs)
         want_logprobs = any(s.sampling_params.logprobs is not None for s in seqs)
         self.scheduler.update(scheduled, sampled.token_ids,
                               sampled.logprobs if want_logprobs else None,
                               sampled.top_logprobs if want_logprobs else None)
         return {s.request_id for s in seqs}
+
+    @staticmethod
+    def _record_prompt_logprobs(rows, logits: torch.Tensor) -> None:
+        """logits [P, V]: the rows of SchedulerOutput.prompt_logprob_rows, in order."""
+        targets = [entry.seq.prompt_token_ids[q + 1 + k] for entry, _, q, count in rows for k in range(count)]
+        top_n = max(entry.seq.sampling_params.prompt_logprobs for entry, *_ in rows)
+        results = prompt_logprobs(logits, targets, top_n)
+        offset = 0
+        for entry, _, _, count in rows:
+            n = entry.seq.sampling_params.prompt_logprobs
+            entry.seq.prompt_logprobs.extend(
+                replace(r, top=r.top[:n]) if len(r.top) > n else r for r in results[offset:offset + count])
+            offset += count
 
     def _emit(self, touched: set[str]) -> list[RequestOutput]:
         outputs = [out for rid in sorted(touched) if (out := self._postprocess(rid)) is not None]
@@ -209,6 +227,11 @@ class LLMEngine:
         if not outputs and not finished:
             return None
         first = request.seqs[0]
+        prompt_lps = None
+        if (params.prompt_logprobs is not None and not request.prompt_logprobs_sent
+                and not first.needs_prompt_logprobs):
+            request.prompt_logprobs_sent = True
+            prompt_lps = [None, *first.prompt_logprobs]
         usage = Usage(len(request.prompt_token_ids), sum(s.num_output_tokens for s in request.seqs),
                       first.num_cached_tokens)
         metrics = {}
@@ -216,7 +239,8 @@ class LLMEngine:
             metrics["queue_s"] = first.first_scheduled_time - first.arrival_time
         if first.first_token_time is not None:
             metrics["ttft_s"] = first.first_token_time - first.arrival_time
-        return RequestOutput(request_id, request.prompt_token_ids, outputs, finished, usage, metrics)
+        return RequestOutput(request_id, request.prompt_token_ids, outputs, finished, usage, metrics,
+                             prompt_lps)
 
     # --- statistics ------------------------------------------------------------------------------
     def metrics_snapshot(self, replica: str) -> dict[str, Any]:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from services.engine.sequence import TopLogprobs
+from services.engine.sequence import PromptLogprob, TopLogprobs
 
 
 @dataclass
@@ -39,3 +39,6 @@ class RequestOutput:
     finished: bool
     usage: Usage
     metrics: dict[str, float] = field(default_factory=dict)  # queue, ttft, e2e seconds when known
+    # Once, on the first output after they are known, when the request asked for prompt_logprobs:
+    # one entry per prompt token, None for the first.
+    prompt_logprobs: list[PromptLogprob | None] | None = None

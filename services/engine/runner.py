@@ -20,7 +20,8 @@ class StepInputs:
     input_ids: torch.Tensor  # [T]
     positions: torch.Tensor  # [T]
     meta: AttentionMetadata
-    sample_indices: torch.Tensor  # [S] rows of the step whose logits are sampled
+    # [S + P] rows of the step whose logits are computed: the sampled ones, then prompt-logprob rows
+    sample_indices: torch.Tensor
 
 
 class ModelRunner:
@@ -58,11 +59,12 @@ class ModelRunner:
         meta = AttentionMetadata(torch.tensor(slots, dtype=torch.int64), decode_tables, decode_lens,
                                  tuple(chunks))
         return StepInputs(torch.tensor(ids, dtype=torch.int64), torch.tensor(positions, dtype=torch.int64),
-                          meta, torch.tensor(step.sample_indices(), dtype=torch.int64))
+                          meta, torch.tensor(step.logits_indices(), dtype=torch.int64))
 
     @torch.inference_mode()
     def execute(self, step: SchedulerOutput) -> torch.Tensor:
-        """float32 logits [S, V] for the entries of `step.sampled`, in order."""
+        """float32 logits [S + P, V]: the entries of `step.sampled` in order, then the P rows of
+        `step.prompt_logprob_rows()`."""
         inputs = self.prepare(step)
         started = time.perf_counter()
         hidden = self.model(inputs.input_ids.to(self.device), inputs.positions.to(self.device),

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from services.engine.sampling_params import SamplingParams
-from services.engine.sequence import Sequence, TopLogprobs
+from services.engine.sequence import PromptLogprob, Sequence, TopLogprobs
 
 _MASK64 = (1 << 64) - 1
 
@@ -74,6 +74,21 @@ def apply_penalties(logits: torch.Tensor, output_token_ids: Seq[Seq[int]],
     rep = repetition[:, None]  # [B, 1]
     logits = torch.where(seen, torch.where(logits > 0, logits / rep, logits * rep), logits)
     return logits - frequency[:, None] * counts - presence[:, None] * (counts > 0)
+
+
+def prompt_logprobs(logits: torch.Tensor, targets: Seq[int], top_n: int) -> list[PromptLogprob]:
+    """logits [P, V] of prompt rows; targets [P] the prompt token each row predicts. Raw logprobs
+    (no sampling transform), like the sampled tokens' logprobs."""
+    logprobs = logits.float().log_softmax(dim=-1)  # [P, V]
+    ids = torch.tensor(list(targets), dtype=torch.int64, device=logits.device)[:, None]  # [P, 1]
+    chosen = logprobs.gather(1, ids)  # [P, 1]
+    ranks = ((logprobs > chosen).sum(dim=-1) + 1).tolist()
+    top: list[TopLogprobs] = [[] for _ in ranks]
+    top_n = min(top_n, logits.shape[1])
+    if top_n:
+        values, top_ids = logprobs.topk(top_n, dim=-1)  # [P, top_n] each
+        top = [list(zip(i, v)) for i, v in zip(top_ids.tolist(), values.tolist())]
+    return [PromptLogprob(lp, rank, t) for lp, rank, t in zip(chosen[:, 0].tolist(), ranks, top)]
 
 
 def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,

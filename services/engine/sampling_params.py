@@ -2,7 +2,9 @@
 
 Semantics follow the OpenAI API and vLLM so clients and dashboards carry over unchanged:
 penalties act on generated tokens (presence, frequency) or on prompt and generated tokens
-(repetition), `logprobs=N` returns the sampled token's logprob plus the N most likely alternatives.
+(repetition), `logprobs=N` returns the sampled token's logprob plus the N most likely alternatives;
+`prompt_logprobs=N` does the same for every prompt token but the first (vLLM's field; OpenAI's
+completions `echo` + `logprobs` is built on it).
 """
 from __future__ import annotations
 
@@ -72,6 +74,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
 
     def __post_init__(self) -> None:
@@ -94,9 +97,10 @@ class SamplingParams:
         self._normalise_stop()
         self._normalise_stop_token_ids()
         _check_bool("ignore_eos", self.ignore_eos)
-        if self.logprobs is not None:
-            _check_int("logprobs", self.logprobs, f"[0, {MAX_LOGPROBS}] or None",
-                       lambda v: 0 <= v <= MAX_LOGPROBS)
+        for name in ("logprobs", "prompt_logprobs"):
+            if getattr(self, name) is not None:
+                _check_int(name, getattr(self, name), f"[0, {MAX_LOGPROBS}] or None",
+                           lambda v: 0 <= v <= MAX_LOGPROBS)
         _check_bool("skip_special_tokens", self.skip_special_tokens)
 
     def _normalise_stop(self) -> None:

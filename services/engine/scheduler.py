@@ -12,6 +12,9 @@ Each step, under a token budget (max_num_batched_tokens) and a cap on live seque
      Nothing is admitted in a step that preempted (the preempted sequence heads the queue and cannot
      fit again in that step anyway; the rule keeps it so if allocation policies change).
 Prompts longer than the remaining budget are prefilled in chunks over several steps.
+A sequence that asks for prompt logprobs is admitted without prefix-cache hits (cached tokens are not
+computed, so their logits would be missing); once its prompt logprobs are all known, a resume after
+preemption may hit the cache again.
 
 Every "age" is (arrival_time, seq_id): "youngest" means the latest arrival.
 """
@@ -20,8 +23,9 @@ from __future__ import annotations
 import bisect
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from collections.abc import Sequence as Seq
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from services.config_checks import positive_int
@@ -127,6 +131,29 @@ class SchedulerOutput:
                 indices.append(offset - 1)
         return indices
 
+    def prompt_logprob_rows(self) -> list[tuple[ScheduledSequence, int, int, int]]:
+        """(entry, first step row, first prompt position q, count) for each entry whose rows give
+        prompt logprobs: row q's logits predict prompt token q + 1. Only positions not yet recorded,
+        so a recompute after preemption adds nothing twice."""
+        rows, offset = [], 0
+        for s in self.scheduled:
+            seq = s.seq
+            if seq.needs_prompt_logprobs:
+                first = max(s.start, len(seq.prompt_logprobs))
+                end = min(s.start + s.num_tokens, seq.num_prompt_tokens - 1)
+                if end > first:
+                    rows.append((s, offset + first - s.start, first, end - first))
+            offset += s.num_tokens
+        return rows
+
+    def logits_indices(self) -> list[int]:
+        """The step rows the runner computes logits for: `sample_indices()`, then the rows of
+        `prompt_logprob_rows()` in order."""
+        indices = self.sample_indices()
+        for _, row, _, count in self.prompt_logprob_rows():
+            indices.extend(range(row, row + count))
+        return indices
+
 
 class Scheduler:
     def __init__(self, config: SchedulerConfig, block_manager: BlockManager, *,
@@ -217,10 +244,11 @@ class Scheduler:
         while (not preempted and self.waiting and budget > 0
                and len(self.running) < self.config.max_num_seqs):
             seq = self.waiting[0]
-            if not self.block_manager.can_allocate(seq):
-                break
+            with self._prefix_cache_for(seq):
+                if not self.block_manager.can_allocate(seq):
+                    break
+                self.block_manager.allocate(seq)
             self.waiting.popleft()
-            self.block_manager.allocate(seq)
             seq.status = SequenceStatus.RUNNING
             bisect.insort(self.running, seq, key=_age)
             chunk = min(seq.num_uncomputed_tokens, budget)
@@ -232,6 +260,18 @@ class Scheduler:
         if not output.is_empty:
             self._in_flight = output
         return output
+
+    @contextmanager
+    def _prefix_cache_for(self, seq: Sequence) -> Iterator[None]:
+        """No prefix hits while seq still needs prompt logprobs: every prompt row must be computed."""
+        manager = self.block_manager
+        enabled = manager.enable_prefix_caching
+        if enabled and seq.needs_prompt_logprobs:
+            manager.enable_prefix_caching = False
+        try:
+            yield
+        finally:
+            manager.enable_prefix_caching = enabled
 
     def _take(self, seq: Sequence, num_tokens: int) -> ScheduledSequence:
         start = seq.num_computed_tokens

@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 from services.engine.sampling_params import SamplingParams
 
@@ -48,6 +49,16 @@ _FINISH_REASON = {
 
 # One generated token's top alternatives: (token id, logprob), most likely first.
 TopLogprobs = list[tuple[int, float]]
+
+
+@dataclass(frozen=True)
+class PromptLogprob:
+    """A prompt token's logprob given the tokens before it, its rank (1 = the most likely) and the
+    `prompt_logprobs` most likely tokens at its position."""
+
+    logprob: float
+    rank: int
+    top: TopLogprobs
 
 
 class Sequence:
@@ -94,6 +105,9 @@ class Sequence:
         self.cumulative_logprob = 0.0
         self.output_logprobs: list[float] = []
         self.output_top_logprobs: list[TopLogprobs] = []
+        # Filled only when sampling_params.prompt_logprobs is not None: prompt tokens 1.. in order
+        # (the first token has no context to be predicted from).
+        self.prompt_logprobs: list[PromptLogprob] = []
 
     # --- token views -------------------------------------------------------------------------
     @property
@@ -120,6 +134,13 @@ class Sequence:
     def is_decoding(self) -> bool:
         """Every known token but the newest sampled one is in the cache: one token per step."""
         return self.num_output_tokens > 0 and self.num_computed_tokens == self.num_tokens - 1
+
+    @property
+    def needs_prompt_logprobs(self) -> bool:
+        """Asked for prompt logprobs and some are still to be computed (a resume after preemption
+        that recomputes the prompt does not need them again)."""
+        return (self.sampling_params.prompt_logprobs is not None
+                and len(self.prompt_logprobs) < self.num_prompt_tokens - 1)
 
     @property
     def seed(self) -> int | None:

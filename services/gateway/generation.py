@@ -17,7 +17,13 @@ from services.engine.outputs import RequestOutput
 from services.gateway import protocol as p
 from services.gateway.context import GatewayContext, GenerationJob
 from services.gateway.errors import ApiError, api_error
-from services.gateway.protocol import Choice, chat_logprobs, completion_logprobs
+from services.gateway.protocol import (
+    Choice,
+    chat_logprobs,
+    completion_logprobs,
+    echo_logprobs,
+    prompt_logprobs,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -174,13 +180,17 @@ async def chat_response(ctx: GatewayContext, body: p.ChatCompletionRequest, jobs
     started = await start_jobs(ctx, jobs, rename)
     choices = {i: Choice() for i in range(body.n)}
     finals = []
+    prompt_entries = None
     async for _, out in _outputs(started):
         for o in out.outputs:
             choices[o.index].add(o)
+        if out.prompt_logprobs is not None:
+            prompt_entries = out.prompt_logprobs
         if out.finished:
             finals.append(out)
     result = p.ChatCompletionResponse(
         id=rid, created=created, model=ctx.model_name, usage=_usage(finals),
+        prompt_logprobs=prompt_logprobs(ctx.tokenizer, jobs[0].prompt_ids, prompt_entries),
         choices=[p.ChatChoice(
             index=i, message=p.AssistantMessage(content=c.text), finish_reason=c.finish_reason,
             stop_reason=c.stop_reason, token_ids=c.token_ids if body.return_token_ids else None,
@@ -223,25 +233,50 @@ async def completion_response(ctx: GatewayContext, body: p.CompletionRequest, jo
     started = await start_jobs(ctx, jobs, None)
     choices = {job.first_index + i: Choice() for job in jobs for i in range(body.n)}
     finals = []
+    prompt_entries: dict[int, list] = {}
     async for j, out in _outputs(started):
         for o in out.outputs:
             choices[jobs[j].first_index + o.index].add(o)
+        if out.prompt_logprobs is not None:
+            prompt_entries[j] = out.prompt_logprobs
         if out.finished:
             finals.append(out)
-    owner = {job.first_index + i: job for job in jobs for i in range(body.n)}
+    owner = {job.first_index + i: (j, job) for j, job in enumerate(jobs) for i in range(body.n)}
     result_choices = []
     for index, c in sorted(choices.items()):
-        job = owner[index]
+        j, job = owner[index]
         prefix = _prompt_text(ctx, job) if body.echo else ""
+        logprobs = None
+        if body.logprobs is not None:
+            offset = len(prefix)
+            echoed = None
+            if body.echo and j in prompt_entries:
+                echoed = echo_logprobs(ctx.tokenizer, job.prompt_ids, prompt_entries[j], body.logprobs)
+                offset = _end(echoed)
+            logprobs = completion_logprobs(ctx.tokenizer, c.token_ids, c.logprobs, c.top_logprobs, offset)
+            if echoed is not None:
+                logprobs = _join(echoed, logprobs)
         result_choices.append(p.CompletionChoice(
             index=index, text=prefix + c.text, finish_reason=c.finish_reason, stop_reason=c.stop_reason,
             token_ids=c.token_ids if body.return_token_ids else None,
-            prompt_token_ids=job.prompt_ids if body.return_token_ids else None,
-            logprobs=completion_logprobs(ctx.tokenizer, c.token_ids, c.logprobs, c.top_logprobs, len(prefix))
-            if body.logprobs is not None else None))
+            prompt_token_ids=job.prompt_ids if body.return_token_ids else None, logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs(ctx.tokenizer, job.prompt_ids, prompt_entries.get(j))
+            if body.prompt_logprobs is not None else None))
     result = p.CompletionResponse(id=rid, created=created, model=ctx.model_name, choices=result_choices,
                                   usage=_usage(finals))
     return Response(result.model_dump_json(), media_type="application/json")
+
+
+def _end(logprobs: p.CompletionLogprobs) -> int:
+    """The text offset just past the last token (offsets count the tokens' own surfaces)."""
+    return logprobs.text_offset[-1] + len(logprobs.tokens[-1]) if logprobs.tokens else 0
+
+
+def _join(first: p.CompletionLogprobs, second: p.CompletionLogprobs) -> p.CompletionLogprobs:
+    return p.CompletionLogprobs(tokens=first.tokens + second.tokens,
+                                token_logprobs=first.token_logprobs + second.token_logprobs,
+                                top_logprobs=first.top_logprobs + second.top_logprobs,
+                                text_offset=first.text_offset + second.text_offset)
 
 
 def _prompt_text(ctx: GatewayContext, job: GenerationJob) -> str:
@@ -255,12 +290,21 @@ async def completion_events(ctx: GatewayContext, body: p.CompletionRequest, jobs
                                          usage=usage))
 
     offsets = {}
-    for job in jobs:
+    for j, job in enumerate(jobs):
+        # The first output of each job carries its prompt logprobs when they were asked for.
+        entries = started[j][0].prompt_logprobs
         for i in range(body.n):
             text = _prompt_text(ctx, job) if body.echo else ""
             offsets[job.first_index + i] = len(text)
-            if body.echo:
-                yield chunk([p.CompletionChoice(index=job.first_index + i, text=text)])
+            echoed = None
+            if body.echo and body.logprobs is not None and entries is not None:
+                echoed = echo_logprobs(ctx.tokenizer, job.prompt_ids, entries, body.logprobs)
+                offsets[job.first_index + i] = _end(echoed)
+            if body.echo or body.prompt_logprobs is not None:
+                yield chunk([p.CompletionChoice(
+                    index=job.first_index + i, text=text, logprobs=echoed,
+                    prompt_logprobs=prompt_logprobs(ctx.tokenizer, job.prompt_ids, entries)
+                    if body.prompt_logprobs is not None else None)])
     finals = []
     async for j, out in _outputs(started):
         for o in out.outputs:

@@ -203,13 +203,14 @@ def _completion_jobs(ctx: GatewayContext, body: p.CompletionRequest, request_id:
         raise BadRequestError("suffix is not supported", param="suffix")
     if body.best_of is not None and body.best_of != body.n:
         raise BadRequestError("best_of other than n is not supported", param="best_of")
-    if body.echo and body.logprobs is not None:
-        raise BadRequestError("echo with logprobs is not supported (prompt logprobs are not computed)",
-                              param="echo")
+    # echo + logprobs returns the prompt's logprobs too, so the engine computes them (as vLLM does).
+    wanted = [n for n in (body.prompt_logprobs, body.logprobs if body.echo else None) if n is not None]
+    prompt_logprobs = max(wanted) if wanted else None
     jobs = []
     try:
         for i, (ids, text) in enumerate(_completion_prompts(ctx, body.prompt)):
-            params = body.sampling_params(_admit(ctx, ids, body.max_tokens, "prompt"), body.logprobs)
+            params = body.sampling_params(_admit(ctx, ids, body.max_tokens, "prompt"), body.logprobs,
+                                          prompt_logprobs=prompt_logprobs)
             jobs.append(GenerationJob(i * body.n, ids, text, params, _engine_id(request_id, i)))
     except ValueError as exc:
         raise gateway_error(ctx, exc) from None

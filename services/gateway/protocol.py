@@ -4,8 +4,10 @@ Requests are validated strictly for types ("5" is not an integer, true is not a 
 mistake is a 400 that names the field; value ranges are checked once, by `SamplingParams`. Unknown
 fields are ignored, as OpenAI clients send fields that do not apply here (`store`, `metadata`).
 Extensions beyond OpenAI follow vLLM's names: top_k, min_p, repetition_penalty, min_tokens,
-stop_token_ids, ignore_eos, skip_special_tokens, and `return_token_ids` (each choice then carries the
-generated `token_ids`, since text does not map back to ids one to one).
+stop_token_ids, ignore_eos, skip_special_tokens, `return_token_ids` (each choice then carries the
+generated `token_ids`, since text does not map back to ids one to one) and `prompt_logprobs` (per prompt
+token, None for the first: `{token id: {logprob, rank, decoded_token}}` for the prompt token and the N
+most likely ones, on each completions choice and on the chat response).
 """
 from __future__ import annotations
 
@@ -54,9 +56,10 @@ class SamplingFields(_Request):
     logit_bias: dict[str, float] | None = None
     user: str | None = None
     return_token_ids: bool = False
+    prompt_logprobs: int | None = None
 
-    def sampling_params(self, max_tokens: int, logprobs: int | None,
-                        extra_stop: tuple[str, ...] = ()) -> SamplingParams:
+    def sampling_params(self, max_tokens: int, logprobs: int | None, extra_stop: tuple[str, ...] = (),
+                        prompt_logprobs: int | None = None) -> SamplingParams:
         """Raises RequestRejected naming the engine parameter (services/engine/api.py)."""
         stop = self.stop if self.stop is not None else ()
         stop = (stop,) if isinstance(stop, str) else tuple(stop)
@@ -66,7 +69,8 @@ class SamplingFields(_Request):
         return SamplingParams(
             n=self.n, seed=self.seed, max_tokens=max_tokens, stop=(*stop, *extra_stop),
             stop_token_ids=tuple(self.stop_token_ids or ()), ignore_eos=self.ignore_eos,
-            logprobs=logprobs, skip_special_tokens=self.skip_special_tokens, **given)
+            logprobs=logprobs, skip_special_tokens=self.skip_special_tokens,
+            prompt_logprobs=self.prompt_logprobs if prompt_logprobs is None else prompt_logprobs, **given)
 
     @property
     def include_usage(self) -> bool:
@@ -149,6 +153,16 @@ class CompletionLogprobs(_Response):
     text_offset: list[int] = Field(default_factory=list)
 
 
+class PromptTokenLogprob(_Response):
+    logprob: float
+    rank: int | None = None
+    decoded_token: str
+
+
+# vLLM's shape: one entry per prompt token (None for the first), keyed by token id.
+PromptLogprobs = list[dict[str, PromptTokenLogprob] | None]
+
+
 class CompletionChoice(_Response):
     index: int
     text: str
@@ -157,6 +171,7 @@ class CompletionChoice(_Response):
     stop_reason: int | str | None = Field(default=None, **_OMIT_NONE)
     token_ids: list[int] | None = Field(default=None, **_OMIT_NONE)
     prompt_token_ids: list[int] | None = Field(default=None, **_OMIT_NONE)
+    prompt_logprobs: PromptLogprobs | None = Field(default=None, **_OMIT_NONE)
 
 
 class CompletionResponse(_Response):
@@ -205,6 +220,7 @@ class ChatCompletionResponse(_Response):
     choices: list[ChatChoice]
     usage: UsageInfo
     system_fingerprint: str | None = None
+    prompt_logprobs: PromptLogprobs | None = Field(default=None, **_OMIT_NONE)
 
 
 class DeltaMessage(_Response):
@@ -302,12 +318,20 @@ def chat_logprobs(tokenizer: Any, token_ids: list[int], logprobs: list[float],
     return out
 
 
-def completion_logprobs(tokenizer: Any, token_ids: list[int], logprobs: list[float],
-                        top: list[list[tuple[int, float]]] | None, offset: int) -> CompletionLogprobs:
-    """The legacy shape; `text_offset` counts characters of the tokens' own surfaces from `offset`."""
+def completion_logprobs(tokenizer: Any, token_ids: list[int], logprobs: list[float | None],
+                        top: list[list[tuple[int, float]] | None] | None, offset: int) -> CompletionLogprobs:
+    """The legacy shape; `text_offset` counts characters of the tokens' own surfaces from `offset`.
+    A None logprob (the first prompt token under echo) has no alternatives either."""
     result = CompletionLogprobs()
     for i, (token_id, logprob) in enumerate(zip(token_ids, logprobs)):
         text, _ = token_surface(tokenizer, token_id)
+        if logprob is None:
+            result.tokens.append(text)
+            result.token_logprobs.append(None)
+            result.top_logprobs.append(None)
+            result.text_offset.append(offset)
+            offset += len(text)
+            continue
         alternatives: dict[str, float] = {}
         for alt_id, alt_logprob in (top[i] if top and i < len(top) else []):
             # Distinct ids may share a surface; the likelier (listed first) keeps it.
@@ -317,6 +341,30 @@ def completion_logprobs(tokenizer: Any, token_ids: list[int], logprobs: list[flo
         result.top_logprobs.append(alternatives)
         result.text_offset.append(offset)
         offset += len(text)
+    return result
+
+
+def echo_logprobs(tokenizer: Any, prompt_ids: list[int], entries: list[Any], top_n: int) -> CompletionLogprobs:
+    """The prompt part of completions `echo` + `logprobs`: engine PromptLogprob entries (None first)."""
+    return completion_logprobs(tokenizer, prompt_ids, [None if e is None else e.logprob for e in entries],
+                               [None if e is None else e.top[:top_n] for e in entries], 0)
+
+
+def prompt_logprobs(tokenizer: Any, prompt_ids: list[int], entries: list[Any] | None) -> PromptLogprobs | None:
+    """vLLM's `prompt_logprobs` from engine PromptLogprob entries (None first)."""
+    if entries is None:
+        return None
+    result: PromptLogprobs = []
+    for token_id, entry in zip(prompt_ids, entries):
+        if entry is None:
+            result.append(None)
+            continue
+        ranked = {token_id: (entry.logprob, entry.rank)}
+        for rank, (alt_id, alt_logprob) in enumerate(entry.top, start=1):
+            ranked.setdefault(alt_id, (alt_logprob, rank))
+        result.append({str(t): PromptTokenLogprob(logprob=_finite(lp), rank=rank,
+                                                  decoded_token=token_surface(tokenizer, t)[0])
+                       for t, (lp, rank) in ranked.items()})
     return result
 
 
