@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 
 from services.gateway.config import AppConfig
 from tests.test_gateway_support import free_port
+
+PATIENT_SERVE = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "300", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "120"}
 
 
 @contextlib.contextmanager
@@ -18,6 +21,10 @@ def served_app(config: AppConfig, app_name: str) -> Iterator[str]:
     from services.serve_app import build_application
 
     port = free_port()
+    # Serve gives its proxy 5 s to come up and 10 s per health check, then replaces it: on a starved
+    # machine (one core shared with a busy process) that kills a healthy proxy. The tests wait instead.
+    for name, value in PATIENT_SERVE.items():  # the local Ray started below passes them to Serve's actors
+        os.environ.setdefault(name, value)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="grok-serve-tests")
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
