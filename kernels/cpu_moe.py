@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .cpu_packing import onednn_linear, packed_matmul
+from .cpu_packing import ONEDNN_AVAILABLE, onednn_linear, packed_matmul
 from .expert_weights import ExpertWeights
 from .moe_inputs import check_moe_inputs
 from .reference import gelu_tanh, softmax_topk
@@ -38,16 +38,6 @@ _ONEDNN_MAX_K_IN_OUT = 8192
 _DOT_KERNEL_MAX_ROWS = 5
 
 
-def _find_onednn_linear():
-    try:
-        return torch.ops.mkldnn._linear_pointwise if torch.backends.mkldnn.is_available() else None
-    except (AttributeError, RuntimeError):
-        return None
-
-
-# oneDNN's inner product (float32 only on AVX2). MKL's sgemm takes a generic path on AMD CPUs.
-_ONEDNN_LINEAR = _find_onednn_linear()
-
 
 def stored_transposed(weight: torch.Tensor) -> bool:
     """True for a [K, N] view of [N, K] storage (nn.Linear's layout): columns are contiguous."""
@@ -59,7 +49,8 @@ def float32_mm(a: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     # oneDNN reads [out, in] storage natively and won at every size measured (2x at 4 to 16 rows).
     # Given [in, out] storage it wins up to K = 6144 too, but at K = 32768 it is up to 2.7x slower
     # than MKL.
-    if _ONEDNN_LINEAR is not None and (stored_transposed(weight) or weight.shape[0] <= _ONEDNN_MAX_K_IN_OUT):
+    # oneDNN's inner product (float32 only on AVX2). MKL's sgemm takes a generic path on AMD CPUs.
+    if ONEDNN_AVAILABLE and (stored_transposed(weight) or weight.shape[0] <= _ONEDNN_MAX_K_IN_OUT):
         return onednn_linear(a, weight.t())
     return a @ weight
 

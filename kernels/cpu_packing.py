@@ -22,6 +22,7 @@ def _linear():
 
 
 _ONEDNN = _linear()
+ONEDNN_AVAILABLE = _ONEDNN is not None
 
 
 def pack_weight(w: torch.Tensor) -> torch.Tensor | None:

@@ -123,8 +123,12 @@ class BlockManager:
             hashes.append(hash_block_tokens(hashes[-1] if i else ROOT_HASH, self._block_tokens(seq, i)))
         return hashes[index]
 
+    def _uses_prefix_cache(self, seq: Sequence) -> bool:
+        # A sequence still owing prompt logprobs must compute every prompt row: cached rows have none.
+        return self.enable_prefix_caching and not seq.needs_prompt_logprobs
+
     def _match_prefix(self, seq: Sequence) -> list[Block]:
-        if not self.enable_prefix_caching:
+        if not self._uses_prefix_cache(seq):
             return []
         # The last known token is always computed: its logits produce the next token.
         max_blocks = (seq.num_tokens - 1) // self.block_size
@@ -174,7 +178,7 @@ class BlockManager:
         if seq.num_preemptions == 0:
             # What clients see as cached prompt tokens; a resume re-hitting its own blocks is not that.
             seq.num_cached_tokens = cached
-        if self.enable_prefix_caching:
+        if self._uses_prefix_cache(seq):
             self.prefix_cache_queries += seq.num_tokens
             self.prefix_cache_hits += cached
         return cached

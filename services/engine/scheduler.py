@@ -23,9 +23,8 @@ from __future__ import annotations
 import bisect
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from collections.abc import Sequence as Seq
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 from services.config_checks import positive_int
@@ -244,10 +243,9 @@ class Scheduler:
         while (not preempted and self.waiting and budget > 0
                and len(self.running) < self.config.max_num_seqs):
             seq = self.waiting[0]
-            with self._prefix_cache_for(seq):
-                if not self.block_manager.can_allocate(seq):
-                    break
-                self.block_manager.allocate(seq)
+            if not self.block_manager.can_allocate(seq):
+                break
+            self.block_manager.allocate(seq)
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             bisect.insort(self.running, seq, key=_age)
@@ -260,18 +258,6 @@ class Scheduler:
         if not output.is_empty:
             self._in_flight = output
         return output
-
-    @contextmanager
-    def _prefix_cache_for(self, seq: Sequence) -> Iterator[None]:
-        """No prefix hits while seq still needs prompt logprobs: every prompt row must be computed."""
-        manager = self.block_manager
-        enabled = manager.enable_prefix_caching
-        if enabled and seq.needs_prompt_logprobs:
-            manager.enable_prefix_caching = False
-        try:
-            yield
-        finally:
-            manager.enable_prefix_caching = enabled
 
     def _take(self, seq: Sequence, num_tokens: int) -> ScheduledSequence:
         start = seq.num_computed_tokens
