@@ -119,9 +119,14 @@ def matmul_weight(a: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | 
 def expert_mlp(x: torch.Tensor, experts: ExpertWeights, e: int) -> torch.Tensor:
     """x [n, D] -> float32 [n, D]: (gelu_tanh(x @ linear) * (x @ linear_v)) @ linear_1 of local expert e."""
     ffn = experts.ffn_size
-    if experts.packed13 is not None and x.dtype == torch.float32 and x.shape[0] > 1:
+    if experts.packed13 is not None and x.dtype == experts.w13.dtype == torch.float32 and x.shape[0] > 1:
         ab = packed_matmul(x, experts.packed13[e])  # [n, 2F]
         return packed_matmul(gelu_tanh(ab[:, :ffn]).mul_(ab[:, ffn:]), experts.packed2[e])
+    if experts.packed13 is not None and x.dtype == experts.w13.dtype == torch.bfloat16:
+        # Rounded once to bfloat16 like the dot-product path below, then widened: same numerics.
+        ab = packed_matmul(x, experts.packed13[e]).float()  # [n, 2F]
+        h = gelu_tanh(ab[:, :ffn]).mul_(ab[:, ffn:]).to(x.dtype)  # [n, F]
+        return packed_matmul(h, experts.packed2[e]).float()
     scales13 = None if experts.w13_scales is None else experts.w13_scales[e]
     ab = matmul_weight(x, experts.w13[e], scales13)  # [n, 2F] float32
     h = gelu_tanh(ab[:, :ffn]).mul_(ab[:, ffn:]).to(x.dtype)  # [n, F], GEMM 2 reads it in x's dtype

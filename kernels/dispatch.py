@@ -45,4 +45,6 @@ def dense_matmul(x: torch.Tensor, w: torch.Tensor, packed: torch.Tensor | None =
         # `packed`: w laid out once for oneDNN (kernels.cpu_packing). A single row runs faster on the
         # plain GEMV kernel, given [out, in] storage.
         return float32_mm(x, w) if packed is None or x.shape[0] == 1 else packed_matmul(x, packed)
+    if packed is not None and x.dtype == w.dtype == torch.bfloat16 and x.shape[0] > 0:
+        return packed_matmul(x, packed)  # packed only where the CPU has native bfloat16
     return x @ w

@@ -226,11 +226,12 @@ class Grok1(nn.Module):
                     linear.w = linear.w.transpose(1, 2).contiguous().transpose(1, 2)
 
     def pack_for_cpu(self) -> None:
-        """Lays every float32 weight out once more for oneDNN's CPU GEMM (kernels.cpu_packing): the
-        attention projections, the experts and the tied LM head, used from 2 rows on. Single rows
+        """Lays every float32 weight (and bfloat16 one, where the CPU has native bfloat16) out once more
+        for oneDNN's CPU GEMM (kernels.cpu_packing): the attention projections, the experts and the
+        tied LM head, float32 used from 2 rows on, bfloat16 from one. float32 single rows
         read the originals, the attention projections re-stored [out, in] under their [in, out] view
         as the experts are (store_experts_out_in). Names, shapes and every other path are unchanged;
-        float32 weights take twice their memory on CPU."""
+        packed weights take twice their memory on CPU."""
         for layer in self.decoder_layer:
             attn = layer.multi_head_attention
             for linear in (attn.query, attn.key, attn.value, attn.linear):
@@ -238,7 +239,8 @@ class Grok1(nn.Module):
                     linear.w = linear.w.t().contiguous().t()
                     linear.packed = pack_weight(linear.w)
             for linear in (layer.moe.linear_linear_v, layer.moe.linear_1):
-                if linear.scales is None and linear.w.dtype == torch.float32 and linear.w.device.type == "cpu":
+                # Experts stored apart from the compute dtype (expert_dtype) keep the widening path.
+                if linear.w.dtype == self.dtype and pack_weight(linear.w[0, :1]) is not None:
                     linear.packed = tuple(pack_weight(w) for w in linear.w)
         self.packed_lm_head = pack_weight(self.in_out_embed.embeddings.T)
 
