@@ -406,6 +406,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run-time", help="per run, e.g. 30s, 2m")
     p.add_argument("--model", help="preset for our server (and the peer's shape with --compare)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--vllm-mode", choices=["eager", "compiled"],
+                   help="the peer's execution mode (default: the scenario's enforce_eager)")
     p.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY", ""))
     p.add_argument("--out", help="output directory (default loadtests/results/<scenario>-<time>)")
     p.add_argument("--startup-timeout", type=float)
@@ -418,6 +420,8 @@ def main(argv: list[str] | None = None) -> int:
             scenario[key]["model"] = args.model
         if args.dtype:
             scenario[key]["dtype"] = args.dtype
+    if args.vllm_mode:
+        scenario["vllm"]["enforce_eager"] = args.vllm_mode == "eager"
     users_list = ([int(u) for u in args.concurrency.split(",")] if args.concurrency else [int(scenario["users"])])
     out_dir = Path(args.out or REPO / "loadtests" / "results" / f"{scenario['name']}-{time.strftime('%Y%m%d-%H%M%S')}")
     targets = ["ours", "vllm"] if args.compare else [args.target]

@@ -257,7 +257,7 @@ def bench(sizes: list[int], num_requests: int, prompt_len: int, output_len: int,
     from services.engine.llm import LLM
     from services.engine.sampling_params import SamplingParams
 
-    ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
     rows = []
     cores = torch.get_num_threads()
     try:

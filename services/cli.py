@@ -112,7 +112,9 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     # Serve's proxy reads its middleware from its environment: a local Ray started here inherits it.
     os.environ.setdefault(PROXY_CALLBACK_ENV, PROXY_CALLBACK)
-    ray.init(ignore_reinit_error=True)
+    # Without RAY_ADDRESS, a Ray of our own even where `ray start` left one running on this machine
+    # (plain ray.init() would join that one, and shutting down would then take its Serve with us).
+    ray.init(address=os.environ.get("RAY_ADDRESS") or "local", ignore_reinit_error=True)
     try:
         serve.start(http_options={"host": config.host, "port": config.port,
                                   "keep_alive_timeout_s": config.keep_alive_timeout_s})

@@ -25,7 +25,8 @@ def served_app(config: AppConfig, app_name: str) -> Iterator[str]:
     # machine (one core shared with a busy process) that kills a healthy proxy. The tests wait instead.
     for name, value in PATIENT_SERVE.items():  # the local Ray started below passes them to Serve's actors
         os.environ.setdefault(name, value)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="grok-serve-tests")
+    # address="local": a Ray already running on this machine (ray start) is not the tests' to use.
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="grok-serve-tests")
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_application(config), name=app_name, route_prefix="/")

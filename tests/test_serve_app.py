@@ -7,6 +7,8 @@ tiny preset. Tests run in file order; the last one kills the engine replica.
 from __future__ import annotations
 
 import concurrent.futures
+import os
+import re
 import threading
 import time
 
@@ -21,6 +23,7 @@ from tests.test_gateway_support import REFERENCE_TINY, metric, reference_tiny_or
 ray = pytest.importorskip("ray")
 
 from services.gateway.config import load_config
+from services.gateway.proxy import PROXY_CALLBACK, PROXY_CALLBACK_ENV
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 
@@ -42,6 +45,8 @@ def served():
                               "health_check_timeout_s": 10, "graceful_shutdown_timeout_s": 5},
         "gateway_deployment": {"num_cpus": 0.1, "graceful_shutdown_timeout_s": 5},
     })
+    # As `grok-serve up` does: Serve's proxy runs the request-id middleware (services/gateway/proxy.py).
+    os.environ.setdefault(PROXY_CALLBACK_ENV, PROXY_CALLBACK)
     with served_app(config, APP) as url:
         yield url
 
@@ -56,6 +61,17 @@ def test_request_ids_pass_through_the_proxy_once(served):
     out = httpx.post(served + "/v1/completions", json={"prompt": "a", "max_tokens": 1},
                      headers={"X-Request-Id": "trace-7"})
     assert out.headers.get_list("x-request-id") == ["trace-7"] and out.json()["id"] == "cmpl-trace-7"
+
+
+def test_hostile_request_ids_reach_neither_rays_proxy_nor_the_gateway(served):
+    # Ray's proxy answered a non-UTF-8 X-Request-Id with a plain-text 500 and echoed markup unchanged.
+    for given in (b"\xe9", b"<b>x y</b>", b"a" * 129):
+        out = httpx.post(served + "/v1/completions", json={"prompt": "a", "max_tokens": 1},
+                         headers=[(b"X-Request-Id", given)])
+        assert out.status_code == 200, (given, out.status_code, out.text)
+        [echoed] = out.headers.get_list("x-request-id")
+        assert re.fullmatch(r"[0-9a-f]{32}", echoed) and out.json()["id"] == f"cmpl-{echoed}"
+    assert httpx.get(served + "/health", headers=[(b"X-Request-Id", b"\xe9")]).status_code == 200
 
 
 def ids_of(choice) -> list[int]:

@@ -122,8 +122,8 @@ class ParallelGroup:
     def start(cls, config: EngineConfig) -> ParallelGroup:
         """EngineConfig with parallel_size > 1 -> workers started, every rank's shard loaded."""
         ray = _ray()
-        if not ray.is_initialized():
-            ray.init()
+        if not ray.is_initialized():  # as `grok-serve up`: RAY_ADDRESS's cluster, else one of our own
+            ray.init(address=os.environ.get("RAY_ADDRESS") or "local")
         size, device = config.parallel_size, torch.device(config.device)
         use_gpu = device.type == "cuda"
         placement = place(size, use_gpu, timeout_s=120.0)
