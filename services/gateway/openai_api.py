@@ -298,7 +298,7 @@ async def tokenize(body: p.TokenizeRequest, ctx: Context):
         ids = _encode(ctx, _render_chat(ctx, body.messages, body.add_generation_prompt), "messages")
     else:
         ids = _encode(ctx, body.prompt, "prompt")
-    if body.add_bos:
+    if body.add_bos or body.add_special_tokens:
         ids = [ctx.tokenizer.bos_id, *ids]
     return p.TokenizeResponse(tokens=ids, count=len(ids), max_model_len=ctx.model.max_model_len)
 
@@ -312,6 +312,19 @@ async def detokenize(body: p.DetokenizeRequest, ctx: Context):
         raise gateway_error(ctx, RequestRejected(rejection))
     return p.DetokenizeResponse(prompt=ctx.tokenizer.decode(body.tokens))
 
+
+
+@router.get("/tokenizer_info", response_model=p.TokenizerInfoResponse)
+async def tokenizer_info(ctx: Context):
+    tok = ctx.tokenizer
+    # Special tokens by their piece where the tokenizer has pieces (SentencePiece); the byte tokenizer
+    # has no text for them.
+    text = getattr(tok, "piece", lambda _: None)
+    return p.TokenizerInfoResponse(
+        tokenizer_class=type(tok).__name__, vocab_size=tok.vocab_size, model_max_length=ctx.model.max_model_len,
+        bos_token=text(tok.bos_id), eos_token=text(tok.eos_id), pad_token=text(tok.pad_id),
+        bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id,
+        chat_template=ctx.template.source)
 
 
 @router.get("/version", response_model=p.VersionResponse)

@@ -126,6 +126,7 @@ class TokenizeRequest(_Request):
     messages: list[ChatMessage] | None = None
     add_generation_prompt: bool = True
     add_bos: bool = False
+    add_special_tokens: bool | None = None  # vLLM's name for add_bos; either adds it
 
 
 class DetokenizeRequest(_Request):
@@ -267,6 +268,22 @@ class TokenizeResponse(_Response):
 
 class DetokenizeResponse(_Response):
     prompt: str
+
+
+class TokenizerInfoResponse(_Response):
+    """vLLM's /tokenizer_info: enough for a client to tokenize as the server does (lm-evaluation-harness's
+    remote tokenizer reads the special tokens from it, then calls /tokenize and /detokenize)."""
+
+    tokenizer_class: str
+    vocab_size: int
+    model_max_length: int
+    bos_token: str | None
+    eos_token: str | None
+    pad_token: str | None
+    bos_token_id: int
+    eos_token_id: int
+    pad_token_id: int
+    chat_template: str
 
 
 class VersionResponse(_Response):

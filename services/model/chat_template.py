@@ -107,6 +107,7 @@ class ChatTemplate:
         except jinja2.TemplateSyntaxError as exc:
             raise ValueError(f"chat template {name}, line {exc.lineno}: {exc.message}") from exc
         self.name = name
+        self.source = source
         self.stop: tuple[str, ...] = tuple(stop)
 
     @classmethod
