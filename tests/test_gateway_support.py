@@ -90,3 +90,10 @@ def wait_until(predicate, timeout_s: float, interval_s: float = 0.1) -> bool:
             return True
         time.sleep(interval_s)
     return predicate()
+
+
+def openai_client(server: LocalServer):
+    """The unmodified openai client against `server`: no retries, a generous timeout."""
+    import openai
+
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)

@@ -255,11 +255,24 @@ async def completions(body: p.CompletionRequest, request: Request, ctx: Context)
 
 
 
+def _model_card(ctx: GatewayContext) -> p.ModelCard:
+    return p.ModelCard(id=ctx.model_name, created=ctx.model.created, root=ctx.model.source,
+                       max_model_len=ctx.model.max_model_len)
+
+
+
 @router.get("/v1/models", response_model=p.ModelList)
 async def models(ctx: Context):
-    card = p.ModelCard(id=ctx.model_name, created=ctx.model.created, root=ctx.model.source,
-                       max_model_len=ctx.model.max_model_len)
-    return p.ModelList(data=[card])
+    return p.ModelList(data=[_model_card(ctx)])
+
+
+
+# `path`: a served model name may contain slashes (a checkpoint directory, `org/name`).
+@router.get("/v1/models/{model_id:path}", response_model=p.ModelCard,
+            responses={404: {"model": p.ErrorResponse}})
+async def model(model_id: str, ctx: Context):
+    _check_model(ctx, model_id)
+    return _model_card(ctx)
 
 
 
