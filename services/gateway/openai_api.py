@@ -33,6 +33,7 @@ from services.engine.api import (
     check_token_ids,
     completion_budget,
 )
+from services.engine.sampling_params import SamplingParams
 from services.gateway import protocol as p
 from services.gateway.auth import ApiKeyMiddleware, BodyLimitMiddleware
 from services.gateway.context import GatewayContext, GenerationJob, build_context
@@ -123,9 +124,10 @@ def _num_prompts(prompt) -> int:
 
 
 
-def _reject_unsupported(req: p.SamplingFields) -> None:
-    if req.logit_bias:
-        raise BadRequestError("logit_bias is not supported", param="logit_bias")
+def _check_logit_bias(ctx: GatewayContext, params: SamplingParams) -> None:
+    rejection = check_token_ids([token for token, _ in params.logit_bias], ctx.model.vocab_size, "logit_bias")
+    if rejection is not None:
+        raise RequestRejected(rejection)
 
 
 
@@ -174,7 +176,6 @@ def _chat_job(ctx: GatewayContext, body: p.ChatCompletionRequest,
                       names={"logprobs": "top_logprobs"})
     except ValueError as exc:
         raise gateway_error(ctx, exc) from None
-    _reject_unsupported(body)
     if body.tools:
         raise BadRequestError("tools are not supported", param="tools")
     if body.top_logprobs is not None and not body.logprobs:
@@ -186,6 +187,7 @@ def _chat_job(ctx: GatewayContext, body: p.ChatCompletionRequest,
     try:
         max_tokens = _admit(ctx, ids, getattr(body, completion_field), "messages")
         params = body.sampling_params(max_tokens, logprobs, ctx.template.stop)
+        _check_logit_bias(ctx, params)
     except ValueError as exc:
         raise gateway_error(ctx, exc, rename) from None
     return GenerationJob(0, ids, None, params, _engine_id(request_id, 0)), rename
@@ -198,7 +200,6 @@ def _completion_jobs(ctx: GatewayContext, body: p.CompletionRequest, request_id:
         _check_limits(ctx, body, num_prompts=_num_prompts(body.prompt), logprobs=body.logprobs)
     except ValueError as exc:
         raise gateway_error(ctx, exc) from None
-    _reject_unsupported(body)
     if body.suffix:
         raise BadRequestError("suffix is not supported", param="suffix")
     if body.best_of is not None and body.best_of != body.n:
@@ -211,6 +212,7 @@ def _completion_jobs(ctx: GatewayContext, body: p.CompletionRequest, request_id:
         for i, (ids, text) in enumerate(_completion_prompts(ctx, body.prompt)):
             params = body.sampling_params(_admit(ctx, ids, body.max_tokens, "prompt"), body.logprobs,
                                           prompt_logprobs=prompt_logprobs)
+            _check_logit_bias(ctx, params)
             jobs.append(GenerationJob(i * body.n, ids, text, params, _engine_id(request_id, i)))
     except ValueError as exc:
         raise gateway_error(ctx, exc) from None
