@@ -147,6 +147,18 @@ def _encode(ctx: GatewayContext, text: str, param: str) -> list[int]:
 
 
 
+def _truncate(ctx: GatewayContext, ids: list[int], keep: int | None) -> list[int]:
+    """vLLM's truncate_prompt_tokens: the last `keep` tokens, before the context-length check."""
+    if keep is None:
+        return ids
+    limit = ctx.model.max_model_len
+    if not 1 <= keep <= limit:
+        raise BadRequestError(f"truncate_prompt_tokens must be in [1, {limit}] (max_model_len), got {keep}",
+                              param="truncate_prompt_tokens")
+    return ids[-keep:]
+
+
+
 def _engine_id(request_id: str, index: int) -> str:
     # Unique even when a client reuses its X-Request-Id while the first request still runs.
     return f"{request_id}-{index}-{uuid.uuid4().hex[:8]}"
@@ -183,6 +195,7 @@ def _chat_job(ctx: GatewayContext, body: p.ChatCompletionRequest,
     completion_field = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     rename = {"logprobs": "top_logprobs", "max_tokens": completion_field}
     ids = _encode(ctx, _render_chat(ctx, body.messages, body.add_generation_prompt), "messages")
+    ids = _truncate(ctx, ids, body.truncate_prompt_tokens)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     try:
         max_tokens = _admit(ctx, ids, getattr(body, completion_field), "messages")
@@ -209,7 +222,9 @@ def _completion_jobs(ctx: GatewayContext, body: p.CompletionRequest, request_id:
     prompt_logprobs = max(wanted) if wanted else None
     jobs = []
     try:
-        for i, (ids, text) in enumerate(_completion_prompts(ctx, body.prompt)):
+        for i, (whole, text) in enumerate(_completion_prompts(ctx, body.prompt)):
+            ids = _truncate(ctx, whole, body.truncate_prompt_tokens)
+            text = text if len(ids) == len(whole) else None  # echo shows what the model saw
             params = body.sampling_params(_admit(ctx, ids, body.max_tokens, "prompt"), body.logprobs,
                                           prompt_logprobs=prompt_logprobs)
             _check_logit_bias(ctx, params)

@@ -61,6 +61,7 @@ class SamplingFields(_Request):
     user: str | None = None
     return_token_ids: bool = False
     prompt_logprobs: int | None = None
+    truncate_prompt_tokens: int | None = None
 
     def sampling_params(self, max_tokens: int, logprobs: int | None, extra_stop: tuple[str, ...] = (),
                         prompt_logprobs: int | None = None) -> SamplingParams:
