@@ -11,7 +11,7 @@ import torch
 from services.engine.api import RequestRejected
 from services.engine.sampler import Sampler
 from services.engine.sampling_params import SamplingParams
-from tests.test_gateway_support import LocalServer, openai_client, tiny_config
+from tests.test_gateway_support import LocalServer, assert_rejected, openai_client, tiny_config
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -91,11 +91,7 @@ def test_minus_100_bans_the_greedy_token(served):
                                   {"5": True}, {"5": "1"}, {"99999999": 1}, "5"])
 def test_bad_logit_bias_is_400_naming_it(served, bias):
     server, client = served
-    for path, body in (("/v1/completions", {"prompt": "hi"}),
-                       ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})):
-        response = httpx.post(server.url + path, json={**body, "max_tokens": 1, "logit_bias": bias}, timeout=60)
-        assert response.status_code == 400, response.text
-        assert response.json()["error"]["param"] == "logit_bias"
+    assert_rejected(server, "logit_bias", bias)
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model="tiny", prompt="hi", max_tokens=1, logit_bias=bias)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from tests.test_gateway_support import LocalServer, openai_client, tiny_config
+from tests.test_gateway_support import LocalServer, assert_rejected, openai_client, tiny_config
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -81,9 +81,4 @@ def test_a_prompt_over_the_context_fits_once_truncated(served):
 @pytest.mark.parametrize("keep", [0, -1, 129, "5", 2.0, True])
 def test_bad_k_is_400_naming_it(served, keep):
     server, _ = served
-    for path, body in (("/v1/completions", {"prompt": PROMPT}),
-                       ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})):
-        response = httpx.post(server.url + path, json={**body, "max_tokens": 1, "truncate_prompt_tokens": keep},
-                              timeout=60)
-        assert response.status_code == 400, response.text
-        assert response.json()["error"]["param"] == "truncate_prompt_tokens"
+    assert_rejected(server, "truncate_prompt_tokens", keep)

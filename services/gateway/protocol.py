@@ -62,6 +62,7 @@ class SamplingFields(_Request):
     return_token_ids: bool = False
     prompt_logprobs: int | None = None
     truncate_prompt_tokens: int | None = None
+    priority: int = 0
 
     def sampling_params(self, max_tokens: int, logprobs: int | None, extra_stop: tuple[str, ...] = (),
                         prompt_logprobs: int | None = None) -> SamplingParams:
@@ -76,7 +77,7 @@ class SamplingFields(_Request):
             stop_token_ids=tuple(self.stop_token_ids or ()), ignore_eos=self.ignore_eos,
             logprobs=logprobs, skip_special_tokens=self.skip_special_tokens,
             prompt_logprobs=self.prompt_logprobs if prompt_logprobs is None else prompt_logprobs,
-            logit_bias=self._logit_bias(), **given)
+            logit_bias=self._logit_bias(), priority=self.priority, **given)
 
     def _logit_bias(self) -> dict[int, float]:
         bias = {}
