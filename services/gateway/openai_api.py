@@ -21,6 +21,7 @@ from collections.abc import Mapping
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
@@ -359,13 +360,21 @@ def create_app(ctx: GatewayContext, echo_request_id: bool = True) -> FastAPI:
     app.include_router(router)
     # FastAPI lists an included router as one entry of app.routes, without a path.
     routes = frozenset(path for r in (*app.routes, *router.routes) if (path := getattr(r, "path", None)))
-    # Outermost first: count every answer, tag it with its id, then authenticate, then limit the body.
+    # Outermost first: count every answer, answer CORS, tag it with its id, then authenticate, then
+    # limit the body.
     app.add_middleware(BodyLimitMiddleware, max_bytes=ctx.config.max_body_bytes,
                        read_timeout_s=ctx.config.body_read_timeout_s)
     open_paths = frozenset(path for path, is_open in (("/health", ctx.config.auth.open_health),
                                                        ("/metrics", ctx.config.auth.open_metrics)) if is_open)
     app.add_middleware(ApiKeyMiddleware, keys=ctx.keys, open_paths=open_paths)
     app.add_middleware(RequestIdMiddleware, echo=echo_request_id)
+    cors = ctx.config.cors
+    if cors.enabled:
+        # Outside authentication: a browser's preflight carries no API key, and a 401 or 413 must
+        # still reach the page with the headers that let it read the error.
+        app.add_middleware(CORSMiddleware, allow_origins=cors.allowed_origins, allow_methods=cors.allowed_methods,
+                           allow_headers=cors.allowed_headers, allow_credentials=cors.allow_credentials,
+                           expose_headers=("X-Request-Id", "Retry-After"), max_age=cors.max_age_s)
     app.add_middleware(HttpMetricsMiddleware, metrics=ctx.metrics, routes=routes)
     return app
 
