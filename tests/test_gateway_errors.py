@@ -68,7 +68,7 @@ BAD_BODIES = [
     ("/v1/completions", {**COMPLETION, "presence_penalty": 3}, "presence_penalty"),
     ("/v1/completions", {**COMPLETION, "stop": [""]}, "stop"),
     ("/v1/completions", {**COMPLETION, "seed": 2**70}, "seed"),
-    ("/v1/completions", {**COMPLETION, "logit_bias": {"5": 1.0}}, "logit_bias"),
+    ("/v1/completions", {**COMPLETION, "logit_bias": {"5": 101.0}}, "logit_bias"),
     ("/v1/completions", {**COMPLETION, "suffix": "x"}, "suffix"),
     ("/v1/completions", {"prompt": [], "max_tokens": 2}, "prompt"),
     ("/v1/completions", {"prompt": [[]], "max_tokens": 2}, "prompt"),

@@ -90,3 +90,21 @@ def wait_until(predicate, timeout_s: float, interval_s: float = 0.1) -> bool:
             return True
         time.sleep(interval_s)
     return predicate()
+
+
+def openai_client(server: LocalServer):
+    """The unmodified openai client against `server`: no retries, a generous timeout."""
+    import openai
+
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def assert_rejected(server: LocalServer, field: str, value) -> None:
+    """Completions and chat both answer 400 naming `field` when a request sets it to `value`."""
+    import httpx
+
+    for path, body in (("/v1/completions", {"prompt": "hi"}),
+                       ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})):
+        response = httpx.post(server.url + path, json={**body, "max_tokens": 1, field: value}, timeout=120)
+        assert response.status_code == 400, response.text
+        assert response.json()["error"]["param"] == field, response.text

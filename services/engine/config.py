@@ -29,6 +29,9 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048  # per step: decodes plus prefill chunks
     max_model_len: int | None = None  # default: the model's context (8192 for Grok-1)
     enable_prefix_caching: bool = True
+    # Request priorities order admission; a waiting request is passed over by at most this many later
+    # arrivals (services/engine/scheduler.py). 0: strict arrival order.
+    max_overtakes: int = 32
     # One model instance over N ranks (services/engine/parallel.py): rank 0 here, N - 1 Ray actors.
     parallel_size: int = 1
     collective_timeout_s: float = 30.0  # a rank silent this long inside a step fails the engine
@@ -46,6 +49,8 @@ class EngineConfig:
         for name in ("block_size", "kv_cache_memory_bytes", "max_num_seqs", "max_num_batched_tokens",
                      "parallel_size"):
             positive_int("engine", name, getattr(self, name))
+        if isinstance(self.max_overtakes, bool) or not isinstance(self.max_overtakes, int) or self.max_overtakes < 0:
+            raise ValueError(f"engine.max_overtakes must be an integer >= 0, got {self.max_overtakes!r}")
         for name in ("num_kv_blocks", "max_model_len"):
             positive_int("engine", name, getattr(self, name), allow_none=True)
         if self.backend not in ENGINE_BACKENDS:

@@ -63,7 +63,7 @@ class LLMEngine:
         self.block_manager = BlockManager(num_blocks, config.block_size,
                                           enable_prefix_caching=config.enable_prefix_caching)
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
-                                                   self.max_model_len), self.block_manager)
+                                                   self.max_model_len, config.max_overtakes), self.block_manager)
         self.sampler = Sampler(seed=config.seed)
         self.stats = EngineStats(mc.num_layers, mc.num_experts)
         self.runner = self._make_runner(num_blocks)

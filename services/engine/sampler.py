@@ -4,6 +4,8 @@ Order of operations for each row (the vLLM / OpenAI semantics):
   1. logprobs are read from log_softmax of the RAW logits (before penalties, masks and temperature),
      like vLLM's default: they describe the model, not the sampling transform.
   2. min_tokens: eos (unless ignore_eos) and stop_token_ids are masked while too few tokens exist.
+  2b. logit_bias: each listed token's bias is added to its logit (vLLM applies it at this point too),
+     so it steers greedy picks and sampling alike, but not the reported logprobs (step 1).
   3. penalties: repetition (prompt + output tokens: positive logits divided by it, negative ones
      multiplied), then frequency (minus f * count) and presence (minus p if present) over output tokens.
   4. greedy rows (temperature ~ 0) take the argmax here (ties -> lowest token id).
@@ -74,6 +76,19 @@ def apply_penalties(logits: torch.Tensor, output_token_ids: Seq[Seq[int]],
     rep = repetition[:, None]  # [B, 1]
     logits = torch.where(seen, torch.where(logits > 0, logits / rep, logits * rep), logits)
     return logits - frequency[:, None] * counts - presence[:, None] * (counts > 0)
+
+
+def apply_logit_bias(logits: torch.Tensor, params: Seq[SamplingParams]) -> torch.Tensor:
+    """logits [B, V] plus each row's logit_bias, in one scatter; ids beyond V are ignored (front ends
+    reject them against the vocabulary)."""
+    vocab = logits.shape[1]
+    entries = [(i, t, b) for i, p in enumerate(params) for t, b in p.logit_bias if t < vocab]
+    if not entries:
+        return logits
+    rows, cols, values = zip(*entries)
+    index = (torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device))
+    return logits.index_put(index, torch.tensor(values, dtype=logits.dtype, device=logits.device),
+                            accumulate=True)
 
 
 def prompt_logprobs(logits: torch.Tensor, targets: Seq[int], top_n: int) -> list[PromptLogprob]:
@@ -164,6 +179,7 @@ class Sampler:
         raw = logits.float()  # [B, V]
 
         logits = self._mask_min_tokens(raw, params, output_token_ids, eos_token_ids)
+        logits = apply_logit_bias(logits, params)
         if any(p.has_penalties for p in params):
             # Rows without penalties contribute empty histories, so they cost no padding.
             outs = [o if p.has_penalties else () for p, o in zip(params, output_token_ids)]

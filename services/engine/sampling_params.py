@@ -9,7 +9,7 @@ completions `echo` + `logprobs` is built on it).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import NoReturn
 
@@ -18,6 +18,10 @@ from services.engine.api import MAX_LOGPROBS, Rejection, RequestRejected
 # Below this a temperature is treated as greedy: dividing logits by it would only amplify noise.
 GREEDY_TEMPERATURE = 1e-5
 MAX_N = 16
+# OpenAI's range: a bias of -100 or 100 in practice bans or forces a token.
+MAX_LOGIT_BIAS = 100.0
+# A priority fits a signed 32-bit integer (the range protobuf and most clients use).
+PRIORITY_RANGE = (-(2**31), 2**31 - 1)
 
 
 def _is_int(value: object) -> bool:
@@ -56,7 +60,11 @@ class SamplingParams:
     max_tokens=None generates until a stop condition or the model's context length.
     A temperature below GREEDY_TEMPERATURE (in particular 0) selects the argmax token.
     `stop` accepts a single string or a list/tuple of strings and is stored as a tuple;
-    `stop_token_ids` likewise becomes a tuple of ints.
+    `stop_token_ids` likewise becomes a tuple of ints. `logit_bias` (a mapping of token id to a bias in
+    [-100, 100], added to that token's logit before sampling) is stored as sorted (id, bias) pairs; ids
+    are checked against the vocabulary where the request is admitted. `priority` orders admission
+    (lower first, vLLM's convention); it is the scheduler's, not the sampler's, but travels here so
+    that every engine client carries it unchanged.
     """
 
     n: int = 1
@@ -76,6 +84,8 @@ class SamplingParams:
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    priority: int = 0
 
     def __post_init__(self) -> None:
         _check_int("n", self.n, f"[1, {MAX_N}]", lambda v: 1 <= v <= MAX_N)
@@ -102,6 +112,9 @@ class SamplingParams:
                 _check_int(name, getattr(self, name), f"[0, {MAX_LOGPROBS}] or None",
                            lambda v: 0 <= v <= MAX_LOGPROBS)
         _check_bool("skip_special_tokens", self.skip_special_tokens)
+        self._normalise_logit_bias()
+        low, high = PRIORITY_RANGE
+        _check_int("priority", self.priority, f"[{low}, {high}]", lambda v: low <= v <= high)
 
     def _normalise_stop(self) -> None:
         stop = self.stop
@@ -121,6 +134,22 @@ class SamplingParams:
         for t in ids:
             _check_int("stop_token_ids", t, "[0, inf) (each element)", lambda v: v >= 0)
         object.__setattr__(self, "stop_token_ids", tuple(ids))
+
+    def _normalise_logit_bias(self) -> None:
+        bias = self.logit_bias
+        pairs = tuple(bias.items()) if isinstance(bias, Mapping) else bias
+        if not isinstance(pairs, (list, tuple)):
+            _reject("logit_bias", "a mapping of token id to bias", bias)
+        normalised = {}
+        for pair in pairs:
+            if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+                _reject("logit_bias", "a mapping of token id to bias; an entry", pair)
+            token, value = pair
+            _check_int("logit_bias", token, "[0, inf) (each token id)", lambda v: v >= 0)
+            _check_number("logit_bias", value, f"[-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}] (each bias)",
+                          lambda v: -MAX_LOGIT_BIAS <= v <= MAX_LOGIT_BIAS)
+            normalised[token] = float(value)
+        object.__setattr__(self, "logit_bias", tuple(sorted(normalised.items())))
 
     @property
     def greedy(self) -> bool:

@@ -7,10 +7,16 @@ Each step, under a token budget (max_num_batched_tokens) and a cap on live seque
      are kept and recomputed with the prompt on resume). It may be the decode itself.
   2. running sequences part-way through their prefill (or a post-preemption recompute) get the next
      chunk, oldest first.
-  3. waiting sequences are admitted strictly in FIFO order while the budget, max_num_seqs and free
-     blocks allow; the first one that does not fit stops admission (no later request overtakes it).
+  3. waiting sequences are admitted in rank order while the budget, max_num_seqs and free blocks
+     allow; the first one that does not fit stops admission (nothing ranked below overtakes it).
      Nothing is admitted in a step that preempted (the preempted sequence heads the queue and cannot
      fit again in that step anyway; the rule keeps it so if allocation policies change).
+Rank: preempted sequences first (they have made progress), then by `priority` (lower first, vLLM's
+convention), then by age. Starvation bound: a waiting sequence is overtaken when one that arrived after
+it is admitted first; once overtaken `max_overtakes` times it ranks with the preempted ones, by age, so
+no later arrival is admitted before it again: at most `max_overtakes` later arrivals ever go first.
+`max_overtakes=0` is strict FIFO; with equal priorities nothing is ever overtaken, so it is FIFO too.
+Priority orders admission only: preemption still takes the youngest running sequence.
 Prompts longer than the remaining budget are prefilled in chunks over several steps.
 A sequence that asks for prompt logprobs is admitted without prefix-cache hits (cached tokens are not
 computed, so their logits would be missing); once its prompt logprobs are all known, a resume after
@@ -36,15 +42,27 @@ def _age(seq: Sequence) -> tuple[float, int]:
     return (seq.arrival_time, seq.seq_id)
 
 
+def _rank(seq: Sequence, max_overtakes: int) -> tuple[int, int, float, int]:
+    """Admission order: smallest first."""
+    if seq.status is SequenceStatus.PREEMPTED or seq.num_overtaken >= max_overtakes:
+        return (0, 0, *_age(seq))
+    return (1, seq.priority, *_age(seq))
+
+
 @dataclass(frozen=True)
 class SchedulerConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 8192
     max_model_len: int = 8192  # prompt + output tokens of one sequence
+    # The starvation bound of priorities: later arrivals admitted ahead of a waiting sequence.
+    max_overtakes: int = 32
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):
             positive_int("SchedulerConfig", name, getattr(self, name))
+        if isinstance(self.max_overtakes, bool) or not isinstance(self.max_overtakes, int) \
+                or self.max_overtakes < 0:
+            raise ValueError(f"SchedulerConfig.max_overtakes must be an integer >= 0, got {self.max_overtakes!r}")
         if self.max_num_batched_tokens < self.max_num_seqs:
             # Otherwise the running decodes alone could exceed the budget.
             raise ValueError(f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= "
@@ -242,11 +260,14 @@ class Scheduler:
 
         while (not preempted and self.waiting and budget > 0
                and len(self.running) < self.config.max_num_seqs):
-            seq = self.waiting[0]
+            seq = min(self.waiting, key=lambda s: _rank(s, self.config.max_overtakes))
             if not self.block_manager.can_allocate(seq):
                 break
             self.block_manager.allocate(seq)
-            self.waiting.popleft()
+            self.waiting.remove(seq)
+            for other in self.waiting:
+                if _age(other) < _age(seq):
+                    other.num_overtaken += 1
             seq.status = SequenceStatus.RUNNING
             bisect.insort(self.running, seq, key=_age)
             chunk = min(seq.num_uncomputed_tokens, budget)

@@ -90,6 +90,11 @@ class Sequence:
         self.num_cached_tokens = 0
         self.num_preemptions = 0
 
+        # Admission order (services/engine/scheduler.py): lower priority first; counting the later
+        # arrivals admitted ahead of this sequence bounds how long it can be passed over.
+        self.priority = self.sampling_params.priority
+        self.num_overtaken = 0
+
         # Statistics (seconds, on the engine's clock).
         self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
         self.first_scheduled_time: float | None = None

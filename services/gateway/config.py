@@ -10,6 +10,7 @@ are converted to the field's type.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -57,6 +58,57 @@ class AuthConfig:
     @property
     def enabled(self) -> bool:
         return self.api_key_env is not None or self.api_key_file is not None
+
+
+# An origin as browsers send it: scheme://host[:port], no path and no trailing slash.
+_ORIGIN = re.compile(r"https?://[^/\s:]+(:[0-9]{1,5})?")
+_HTTP_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+
+def _names(owner: str, name: str, value: object) -> tuple[str, ...]:
+    """A list of strings; one string may hold several, separated by commas (`key=value` overrides)."""
+    if isinstance(value, str):
+        value = tuple(v.strip() for v in value.split(",") if v.strip())
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v for v in value):
+        raise ConfigError(f"{owner}.{name} must be a list of non-empty strings, got {value!r}")
+    return tuple(value)
+
+
+@dataclass(frozen=True)
+class CorsConfig:
+    """Cross-origin requests from browsers (a web playground on another origin). Off unless
+    `allowed_origins` names at least one origin; "*" allows any. Methods and headers a browser may use
+    are checked in its preflight; "*" allows any."""
+
+    allowed_origins: tuple[str, ...] = ()
+    allowed_methods: tuple[str, ...] = ("GET", "POST")
+    # Client libraries send headers of their own (the openai package its x-stainless-*): any by default.
+    allowed_headers: tuple[str, ...] = ("*",)
+    # Cookies and HTTP auth from the browser; API keys in Authorization need no credentials mode.
+    allow_credentials: bool = False
+    max_age_s: int = 600  # how long a browser may cache a preflight answer
+
+    def __post_init__(self) -> None:
+        for name in ("allowed_origins", "allowed_methods", "allowed_headers"):
+            object.__setattr__(self, name, _names("cors", name, getattr(self, name)))
+        for origin in self.allowed_origins:
+            if origin != "*" and not _ORIGIN.fullmatch(origin):
+                raise ConfigError(f"cors.allowed_origins: {origin!r} is not an origin such as "
+                                  f"'https://example.com' or 'http://localhost:3000' (no path, no trailing /)")
+        for name in ("allowed_methods", "allowed_headers"):
+            bad = next((v for v in getattr(self, name) if v != "*" and not _HTTP_TOKEN.fullmatch(v)), None)
+            if bad is not None:
+                raise ConfigError(f"cors.{name}: {bad!r} is not a method or header name")
+        _bool("cors", "allow_credentials", self.allow_credentials)
+        if self.allow_credentials and "*" in self.allowed_origins:
+            raise ConfigError("cors.allow_credentials needs the allowed origins listed: browsers refuse "
+                              "credentials with a wildcard origin")
+        if isinstance(self.max_age_s, bool) or not isinstance(self.max_age_s, int) or self.max_age_s < 0:
+            raise ConfigError(f"cors.max_age_s must be an integer >= 0, got {self.max_age_s!r}")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.allowed_origins)
 
 
 @dataclass(frozen=True)
@@ -199,6 +251,7 @@ class AppConfig:
     retry_after_s: int = 1  # the Retry-After a 429 carries
     engine_call_timeout_s: float = 10.0  # health checks and metric snapshots
     auth: AuthConfig = field(default_factory=AuthConfig)
+    cors: CorsConfig = field(default_factory=CorsConfig)
     engine_deployment: EngineDeploymentConfig = field(default_factory=EngineDeploymentConfig)
     gateway_deployment: GatewayDeploymentConfig = field(default_factory=GatewayDeploymentConfig)
 
@@ -232,6 +285,8 @@ class AppConfig:
             raise ConfigError("limits must be a mapping of request limits")
         if not isinstance(self.grpc, GrpcConfig):
             raise ConfigError("grpc must be a mapping of gRPC connection settings")
+        if not isinstance(self.cors, CorsConfig):
+            raise ConfigError("cors must be a mapping of CORS settings")
         positive_int("app", "retry_after_s", self.retry_after_s)
         non_negative_number("app", "engine_call_timeout_s", self.engine_call_timeout_s, positive=True)
 

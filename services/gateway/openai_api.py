@@ -21,6 +21,7 @@ from collections.abc import Mapping
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
@@ -33,6 +34,7 @@ from services.engine.api import (
     check_token_ids,
     completion_budget,
 )
+from services.engine.sampling_params import SamplingParams
 from services.gateway import protocol as p
 from services.gateway.auth import ApiKeyMiddleware, BodyLimitMiddleware
 from services.gateway.context import GatewayContext, GenerationJob, build_context
@@ -123,9 +125,10 @@ def _num_prompts(prompt) -> int:
 
 
 
-def _reject_unsupported(req: p.SamplingFields) -> None:
-    if req.logit_bias:
-        raise BadRequestError("logit_bias is not supported", param="logit_bias")
+def _check_logit_bias(ctx: GatewayContext, params: SamplingParams) -> None:
+    rejection = check_token_ids([token for token, _ in params.logit_bias], ctx.model.vocab_size, "logit_bias")
+    if rejection is not None:
+        raise RequestRejected(rejection)
 
 
 
@@ -142,6 +145,18 @@ def _encode(ctx: GatewayContext, text: str, param: str) -> list[int]:
         return ctx.tokenizer.encode(text)
     except (ValueError, TypeError) as exc:
         raise BadRequestError(str(exc), param=param) from None
+
+
+
+def _truncate(ctx: GatewayContext, ids: list[int], keep: int | None) -> list[int]:
+    """vLLM's truncate_prompt_tokens: the last `keep` tokens, before the context-length check."""
+    if keep is None:
+        return ids
+    limit = ctx.model.max_model_len
+    if not 1 <= keep <= limit:
+        raise BadRequestError(f"truncate_prompt_tokens must be in [1, {limit}] (max_model_len), got {keep}",
+                              param="truncate_prompt_tokens")
+    return ids[-keep:]
 
 
 
@@ -174,7 +189,6 @@ def _chat_job(ctx: GatewayContext, body: p.ChatCompletionRequest,
                       names={"logprobs": "top_logprobs"})
     except ValueError as exc:
         raise gateway_error(ctx, exc) from None
-    _reject_unsupported(body)
     if body.tools:
         raise BadRequestError("tools are not supported", param="tools")
     if body.top_logprobs is not None and not body.logprobs:
@@ -182,10 +196,12 @@ def _chat_job(ctx: GatewayContext, body: p.ChatCompletionRequest,
     completion_field = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     rename = {"logprobs": "top_logprobs", "max_tokens": completion_field}
     ids = _encode(ctx, _render_chat(ctx, body.messages, body.add_generation_prompt), "messages")
+    ids = _truncate(ctx, ids, body.truncate_prompt_tokens)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     try:
         max_tokens = _admit(ctx, ids, getattr(body, completion_field), "messages")
         params = body.sampling_params(max_tokens, logprobs, ctx.template.stop)
+        _check_logit_bias(ctx, params)
     except ValueError as exc:
         raise gateway_error(ctx, exc, rename) from None
     return GenerationJob(0, ids, None, params, _engine_id(request_id, 0)), rename
@@ -198,7 +214,6 @@ def _completion_jobs(ctx: GatewayContext, body: p.CompletionRequest, request_id:
         _check_limits(ctx, body, num_prompts=_num_prompts(body.prompt), logprobs=body.logprobs)
     except ValueError as exc:
         raise gateway_error(ctx, exc) from None
-    _reject_unsupported(body)
     if body.suffix:
         raise BadRequestError("suffix is not supported", param="suffix")
     if body.best_of is not None and body.best_of != body.n:
@@ -208,9 +223,12 @@ def _completion_jobs(ctx: GatewayContext, body: p.CompletionRequest, request_id:
     prompt_logprobs = max(wanted) if wanted else None
     jobs = []
     try:
-        for i, (ids, text) in enumerate(_completion_prompts(ctx, body.prompt)):
+        for i, (whole, text) in enumerate(_completion_prompts(ctx, body.prompt)):
+            ids = _truncate(ctx, whole, body.truncate_prompt_tokens)
+            text = text if len(ids) == len(whole) else None  # echo shows what the model saw
             params = body.sampling_params(_admit(ctx, ids, body.max_tokens, "prompt"), body.logprobs,
                                           prompt_logprobs=prompt_logprobs)
+            _check_logit_bias(ctx, params)
             jobs.append(GenerationJob(i * body.n, ids, text, params, _engine_id(request_id, i)))
     except ValueError as exc:
         raise gateway_error(ctx, exc) from None
@@ -255,11 +273,24 @@ async def completions(body: p.CompletionRequest, request: Request, ctx: Context)
 
 
 
+def _model_card(ctx: GatewayContext) -> p.ModelCard:
+    return p.ModelCard(id=ctx.model_name, created=ctx.model.created, root=ctx.model.source,
+                       max_model_len=ctx.model.max_model_len)
+
+
+
 @router.get("/v1/models", response_model=p.ModelList)
 async def models(ctx: Context):
-    card = p.ModelCard(id=ctx.model_name, created=ctx.model.created, root=ctx.model.source,
-                       max_model_len=ctx.model.max_model_len)
-    return p.ModelList(data=[card])
+    return p.ModelList(data=[_model_card(ctx)])
+
+
+
+# `path`: a served model name may contain slashes (a checkpoint directory, `org/name`).
+@router.get("/v1/models/{model_id:path}", response_model=p.ModelCard,
+            responses={404: {"model": p.ErrorResponse}})
+async def model(model_id: str, ctx: Context):
+    _check_model(ctx, model_id)
+    return _model_card(ctx)
 
 
 
@@ -342,13 +373,21 @@ def create_app(ctx: GatewayContext, echo_request_id: bool = True) -> FastAPI:
     app.include_router(router)
     # FastAPI lists an included router as one entry of app.routes, without a path.
     routes = frozenset(path for r in (*app.routes, *router.routes) if (path := getattr(r, "path", None)))
-    # Outermost first: count every answer, tag it with its id, then authenticate, then limit the body.
+    # Outermost first: count every answer, answer CORS, tag it with its id, then authenticate, then
+    # limit the body.
     app.add_middleware(BodyLimitMiddleware, max_bytes=ctx.config.max_body_bytes,
                        read_timeout_s=ctx.config.body_read_timeout_s)
     open_paths = frozenset(path for path, is_open in (("/health", ctx.config.auth.open_health),
                                                        ("/metrics", ctx.config.auth.open_metrics)) if is_open)
     app.add_middleware(ApiKeyMiddleware, keys=ctx.keys, open_paths=open_paths)
     app.add_middleware(RequestIdMiddleware, echo=echo_request_id)
+    cors = ctx.config.cors
+    if cors.enabled:
+        # Outside authentication: a browser's preflight carries no API key, and a 401 or 413 must
+        # still reach the page with the headers that let it read the error.
+        app.add_middleware(CORSMiddleware, allow_origins=cors.allowed_origins, allow_methods=cors.allowed_methods,
+                           allow_headers=cors.allowed_headers, allow_credentials=cors.allow_credentials,
+                           expose_headers=("X-Request-Id", "Retry-After"), max_age=cors.max_age_s)
     app.add_middleware(HttpMetricsMiddleware, metrics=ctx.metrics, routes=routes)
     return app
 

@@ -12,13 +12,17 @@ most likely ones, on each completions choice and on the chat response).
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from services.engine.api import Rejection, RequestRejected
 from services.engine.sampling_params import SamplingParams
 
 _OMIT_NONE = {"exclude_if": lambda value: value is None}
+# logit_bias keys: token ids as OpenAI writes them, decimal digits only (no sign, space or exponent).
+_TOKEN_ID_KEY = re.compile(r"[0-9]{1,12}")
 
 
 class _Request(BaseModel):
@@ -57,6 +61,8 @@ class SamplingFields(_Request):
     user: str | None = None
     return_token_ids: bool = False
     prompt_logprobs: int | None = None
+    truncate_prompt_tokens: int | None = None
+    priority: int = 0
 
     def sampling_params(self, max_tokens: int, logprobs: int | None, extra_stop: tuple[str, ...] = (),
                         prompt_logprobs: int | None = None) -> SamplingParams:
@@ -70,7 +76,17 @@ class SamplingFields(_Request):
             n=self.n, seed=self.seed, max_tokens=max_tokens, stop=(*stop, *extra_stop),
             stop_token_ids=tuple(self.stop_token_ids or ()), ignore_eos=self.ignore_eos,
             logprobs=logprobs, skip_special_tokens=self.skip_special_tokens,
-            prompt_logprobs=self.prompt_logprobs if prompt_logprobs is None else prompt_logprobs, **given)
+            prompt_logprobs=self.prompt_logprobs if prompt_logprobs is None else prompt_logprobs,
+            logit_bias=self._logit_bias(), priority=self.priority, **given)
+
+    def _logit_bias(self) -> dict[int, float]:
+        bias = {}
+        for key, value in (self.logit_bias or {}).items():
+            if not _TOKEN_ID_KEY.fullmatch(key):
+                raise RequestRejected(Rejection(
+                    f"logit_bias keys must be token ids written in decimal digits, got {key!r}", "logit_bias"))
+            bias[int(key)] = value
+        return bias
 
     @property
     def include_usage(self) -> bool:
