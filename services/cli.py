@@ -102,6 +102,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     from services.serve_app import build_application
     from services.serve_metrics import drain_gateways
+    from services.serve_start import start_serve
 
     if not config.auth.enabled:
         print("warning: no API keys configured (--api-key-env / --api-key-file): the API is open to anyone "
@@ -116,8 +117,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     # (plain ray.init() would join that one, and shutting down would then take its Serve with us).
     ray.init(address=os.environ.get("RAY_ADDRESS") or "local", ignore_reinit_error=True)
     try:
-        serve.start(http_options={"host": config.host, "port": config.port,
-                                  "keep_alive_timeout_s": config.keep_alive_timeout_s})
+        start_serve({"host": config.host, "port": config.port, "keep_alive_timeout_s": config.keep_alive_timeout_s})
         serve.run(build_application(config), name=APP_NAME, route_prefix="/", blocking=False)
         base = f"http://{config.host}:{config.port}"
         print(f"grok-serve is up: model {config.model_name!r}\n"

@@ -19,6 +19,7 @@ def served_app(config: AppConfig, app_name: str) -> Iterator[str]:
     from ray import serve
 
     from services.serve_app import build_application
+    from services.serve_start import start_serve
 
     port = free_port()
     # Serve gives its proxy 5 s to come up and 10 s per health check, then replaces it: on a starved
@@ -28,7 +29,7 @@ def served_app(config: AppConfig, app_name: str) -> Iterator[str]:
     # address="local": a Ray already running on this machine (ray start) is not the tests' to use.
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="grok-serve-tests")
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        start_serve({"host": "127.0.0.1", "port": port})
         serve.run(build_application(config), name=app_name, route_prefix="/")
         yield f"http://127.0.0.1:{port}"
     finally:
