@@ -130,6 +130,9 @@ def gateway_bodies(golden: dict[str, np.ndarray]) -> list[dict]:
     bodies.append({**greedy, "prompt": golden["prompt_1"].tolist(), "ignore_eos": True, "stream": True})
     bodies.append({**greedy, "prompt": golden["prompt_0"].tolist(), "max_tokens": 4, "logprobs": 3})
     bodies.append({**greedy, "prompt": [5, 100000]})
+    # logit_bias: a forced token and a banned one, the same on both backends.
+    bodies.append({**greedy, "prompt": golden["prompt_0"].tolist(), "max_tokens": 4, "ignore_eos": True,
+                   "logit_bias": {"7": 100, str(int(golden["greedy_0"][0])): -100}})
     return bodies
 
 

@@ -38,6 +38,7 @@ def vllm_sampling_params(params: SamplingParams, eos_token_id: int):
         repetition_penalty=params.repetition_penalty, max_tokens=params.max_tokens,
         min_tokens=params.min_tokens, stop_token_ids=stop_ids, ignore_eos=params.ignore_eos,
         logprobs=params.logprobs, detokenize=False, output_kind=RequestOutputKind.DELTA,
+        logit_bias=dict(params.logit_bias) or None,
     )
 
 
