@@ -109,10 +109,11 @@ def cmd_up(args: argparse.Namespace) -> int:
               f"who can reach {config.host}:{config.port}", file=sys.stderr)
     # On a shared cluster only our application is removed at the end; a local Ray goes away entirely.
     joining = bool(os.environ.get("RAY_ADDRESS"))
-    from services.gateway.proxy import PROXY_CALLBACK, PROXY_CALLBACK_ENV
+    from services.gateway.proxy import HEADER_TIMEOUT_ENV, PROXY_CALLBACK, PROXY_CALLBACK_ENV
 
     # Serve's proxy reads its middleware from its environment: a local Ray started here inherits it.
     os.environ.setdefault(PROXY_CALLBACK_ENV, PROXY_CALLBACK)
+    os.environ[HEADER_TIMEOUT_ENV] = str(config.header_read_timeout_s)
     # Without RAY_ADDRESS, a Ray of our own even where `ray start` left one running on this machine
     # (plain ray.init() would join that one, and shutting down would then take its Serve with us).
     ray.init(address=os.environ.get("RAY_ADDRESS") or "local", ignore_reinit_error=True)

@@ -11,6 +11,22 @@ from tests.test_gateway_support import free_port
 PATIENT_SERVE = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "300", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "120"}
 
 
+def start_local_ray(attempts: int = 3, **options) -> None:
+    """ray.init of a new local Ray (address="local": one that `ray start` left on this machine is not
+    the tests' to use). Ray gives its raylet a fixed 30 s to register (ray/_private/node.py); on a
+    starved machine that has run out, so a start that timed out is tried again."""
+    import ray
+
+    for attempt in range(attempts):
+        try:
+            ray.init(address="local", **options)
+            return
+        except Exception as exc:
+            if "timed out during startup" not in str(exc) or attempt == attempts - 1:
+                raise
+            ray.shutdown()
+
+
 @contextlib.contextmanager
 def served_app(config: AppConfig, app_name: str) -> Iterator[str]:
     """The application on a local Ray (2 CPUs) and Serve on 127.0.0.1 and a free port; yields its URL
@@ -26,8 +42,7 @@ def served_app(config: AppConfig, app_name: str) -> Iterator[str]:
     # machine (one core shared with a busy process) that kills a healthy proxy. The tests wait instead.
     for name, value in PATIENT_SERVE.items():  # the local Ray started below passes them to Serve's actors
         os.environ.setdefault(name, value)
-    # address="local": a Ray already running on this machine (ray start) is not the tests' to use.
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="grok-serve-tests")
+    start_local_ray(num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="grok-serve-tests")
     try:
         start_serve({"host": "127.0.0.1", "port": port})
         serve.run(build_application(config), name=app_name, route_prefix="/")

@@ -34,6 +34,7 @@ from services.engine.runner import StepInputs
 from services.engine.sampling_params import SamplingParams
 from services.model.attention_metadata import AttentionMetadata, PrefillChunk
 from tests.conftest import golden_prompts
+from tests.serve_support import start_local_ray
 from tests.step_gate import StepGate
 
 ray = pytest.importorskip("ray")
@@ -148,8 +149,7 @@ def test_plan_is_derived_from_the_model():
 def ray_session():
     started = not ray.is_initialized()
     if started:
-        ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
-                 log_to_driver=False)
+        start_local_ray(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
     yield
     if started:
         ray.shutdown()

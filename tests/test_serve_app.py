@@ -9,6 +9,7 @@ from __future__ import annotations
 import concurrent.futures
 import os
 import re
+import socket
 import threading
 import time
 
@@ -23,7 +24,7 @@ from tests.test_gateway_support import REFERENCE_TINY, metric, reference_tiny_or
 ray = pytest.importorskip("ray")
 
 from services.gateway.config import load_config
-from services.gateway.proxy import PROXY_CALLBACK, PROXY_CALLBACK_ENV
+from services.gateway.proxy import HEADER_TIMEOUT_ENV, PROXY_CALLBACK, PROXY_CALLBACK_ENV
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 
@@ -47,6 +48,7 @@ def served():
     })
     # As `grok-serve up` does: Serve's proxy runs the request-id middleware (services/gateway/proxy.py).
     os.environ.setdefault(PROXY_CALLBACK_ENV, PROXY_CALLBACK)
+    os.environ.setdefault(HEADER_TIMEOUT_ENV, "10")
     with served_app(config, APP) as url:
         yield url
 
@@ -72,6 +74,16 @@ def test_hostile_request_ids_reach_neither_rays_proxy_nor_the_gateway(served):
         [echoed] = out.headers.get_list("x-request-id")
         assert re.fullmatch(r"[0-9a-f]{32}", echoed) and out.json()["id"] == f"cmpl-{echoed}"
     assert httpx.get(served + "/health", headers=[(b"X-Request-Id", b"\xe9")]).status_code == 200
+
+
+def test_headers_that_never_finish_are_cut_by_the_proxy(served):
+    from tests.test_header_timeout import read_until_closed
+
+    host, port = served.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as slow:
+        slow.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n")
+        assert read_until_closed(slow).startswith(b"HTTP/1.1 408 Request Timeout\r\n")
+    assert httpx.get(served + "/health").status_code == 200
 
 
 def ids_of(choice) -> list[int]:

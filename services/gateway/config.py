@@ -244,6 +244,9 @@ class AppConfig:
     # A client that has not sent the next piece of its body within this long gets 408, so slow bodies
     # cannot hold connections and gateway tasks open indefinitely.
     body_read_timeout_s: float = 30.0
+    # The same for a request's headers, in Ray Serve's HTTP proxy (services/gateway/header_timeout.py):
+    # 408 and the connection closed when they are not all read this long after it opened.
+    header_read_timeout_s: float = 30.0
     # Idle keep-alive connections of Ray Serve's HTTP proxy are closed after this (`grok-serve up`).
     keep_alive_timeout_s: int = 5
     limits: RequestLimits = field(default_factory=RequestLimits)
@@ -280,6 +283,7 @@ class AppConfig:
         _port("app", "grpc_port", self.grpc_port, allow_none=True)
         positive_int("app", "max_body_bytes", self.max_body_bytes)
         non_negative_number("app", "body_read_timeout_s", self.body_read_timeout_s, positive=True)
+        non_negative_number("app", "header_read_timeout_s", self.header_read_timeout_s, positive=True)
         positive_int("app", "keep_alive_timeout_s", self.keep_alive_timeout_s)
         if not isinstance(self.limits, RequestLimits):
             raise ConfigError("limits must be a mapping of request limits")

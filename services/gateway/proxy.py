@@ -6,19 +6,29 @@ middleware here runs ahead of Ray's own (Serve applies `RAY_SERVE_HTTP_PROXY_CAL
 middlewares outside its request-id middleware), so the proxy and the gateway only ever see an id that
 `sanitized_request_id` accepted or made, and the header returned and the body's `id` agree.
 
+The callback also gives the proxy's server a header-read timeout (header_timeout.py), of
+`GROK_SERVE_HEADER_READ_TIMEOUT_S` seconds from the proxy's environment (default 30; the configuration's
+`header_read_timeout_s`, which `grok-serve up` exports): the environment is the only way into that
+process.
+
 Serve reads the callback's path from the environment of the proxy's process, so it has to be set where
 Ray starts (`grok-serve up` does; for `serve run` and KubeRay, set it on the head node:
 `RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=services.gateway.proxy:proxy_middlewares`).
 """
 from __future__ import annotations
 
+import os
 import re
 import uuid
 
 from starlette.middleware import Middleware
 
+from services.gateway import header_timeout
+
 PROXY_CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
 PROXY_CALLBACK = "services.gateway.proxy:proxy_middlewares"
+HEADER_TIMEOUT_ENV = "GROK_SERVE_HEADER_READ_TIMEOUT_S"
+DEFAULT_HEADER_TIMEOUT_S = 30.0
 
 _REQUEST_ID = re.compile(rb"[A-Za-z0-9._:\-]{1,128}")
 _HEADER = b"x-request-id"
@@ -49,5 +59,6 @@ class RequestIdSanitizer:
 
 
 def proxy_middlewares() -> list[Middleware]:
-    """Serve's HTTP proxy callback."""
+    """Serve's HTTP proxy callback, called in the proxy's process before its server starts."""
+    header_timeout.install(float(os.environ.get(HEADER_TIMEOUT_ENV) or DEFAULT_HEADER_TIMEOUT_S))
     return [Middleware(RequestIdSanitizer)]
