@@ -328,6 +328,7 @@ def engine_options(config: AppConfig) -> dict[str, Any]:
         "graceful_shutdown_timeout_s": d.graceful_shutdown_timeout_s,
         "health_check_period_s": d.health_check_period_s,
         "health_check_timeout_s": d.health_check_timeout_s,
+        "max_surge_percent": d.max_surge_percent,
         "ray_actor_options": {"num_cpus": d.num_cpus, "num_gpus": d.num_gpus},
     }
     if d.autoscaling is not None:

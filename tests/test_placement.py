@@ -21,6 +21,7 @@ from services.gateway.config import AutoscalingConfig, config_from_dict, load_co
     ({"engine": {"parallel_size": 2}, "engine_deployment": {"max_replicas_per_node": 1}},
      "max_replicas_per_node applies to one-rank replicas only"),
     ({"engine_deployment": {"autoscaling": {"look_back_period_s": 0}}}, "look_back_period_s"),
+    ({"engine_deployment": {"max_surge_percent": 101}}, "max_surge_percent must be an integer in"),
 ])
 def test_bad_placement_options_name_themselves(data, message):
     with pytest.raises(ValueError, match=message):
@@ -37,6 +38,7 @@ def test_replicas_spread_over_nodes():
     options = serve_app.engine_options(load_config(None, {"engine_deployment": {
         "num_replicas": 2, "max_replicas_per_node": 1}}))
     assert options["max_replicas_per_node"] == 1 and options["num_replicas"] == 2
+    assert options["max_surge_percent"] == 0
     assert "placement_group_bundles" not in options
     assert "max_replicas_per_node" not in serve_app.engine_options(load_config(None))
 
@@ -56,7 +58,7 @@ def test_serve_accepts_the_options_it_is_given():
     # Ray's own validation of the deployment options (max_replicas_per_node and placement groups
     # together would be refused here, which the config prevents).
     serve_app = pytest.importorskip("services.serve_app")
-    for overrides in ({"engine_deployment": {"num_replicas": 2, "max_replicas_per_node": 1}},
+    for overrides in ({"engine_deployment": {"num_replicas": 2, "max_replicas_per_node": 1, "max_surge_percent": 50}},
                       {"engine": {"parallel_size": 2, "placement_strategy": "STRICT_SPREAD"}}):
         app = serve_app.build_application(load_config(None, overrides))
         assert type(app).__name__ == "Application"

@@ -116,6 +116,9 @@ class EngineDeploymentConfig:
     # one replica); null: Serve spreads them as it can. With engine.parallel_size > 1 the ranks'
     # bundles decide instead (Serve refuses both at once): see engine.placement_strategy.
     max_replicas_per_node: int | None = None
+    # A rollout (new options or code) may start this many percent more replicas than configured, so the
+    # new ones serve before the old ones stop; 0 (Serve's default) stops old ones first.
+    max_surge_percent: int = 0
     # The engine batches continuously, so many requests are "ongoing" in one replica at once; beyond
     # this they wait in the caller's queue, and beyond max_queued_requests they are refused (429).
     max_ongoing_requests: int = 64
@@ -130,6 +133,9 @@ class EngineDeploymentConfig:
         positive_int(owner, "num_replicas", self.num_replicas)
         positive_int(owner, "parallel_size", self.parallel_size, allow_none=True)
         positive_int(owner, "max_replicas_per_node", self.max_replicas_per_node, allow_none=True)
+        if isinstance(self.max_surge_percent, bool) or not isinstance(self.max_surge_percent, int) \
+                or not 0 <= self.max_surge_percent <= 100:
+            raise ConfigError(f"{owner}.max_surge_percent must be an integer in [0, 100], got {self.max_surge_percent!r}")
         non_negative_number(owner, "num_cpus", self.num_cpus)
         non_negative_number(owner, "num_gpus", self.num_gpus)
         positive_int(owner, "max_ongoing_requests", self.max_ongoing_requests)
