@@ -31,6 +31,9 @@ pytestmark = [pytest.mark.timeout(900), pytest.mark.filterwarnings("ignore::Depr
 APP = "grok-multinode"
 CONTEXT = 2048  # the tiny preset's context: a stream to its end is thousands of decode steps
 NUM_SEQS, NEW_NUM_SEQS = 3, 2
+STREAMS = 2 * NUM_SEQS  # enough for both replicas' batches
+# Room beyond the streams: a replica at max_ongoing_requests queues /metrics' snapshot call too.
+MAX_ONGOING = STREAMS + 2
 
 
 def engine_config(**overrides) -> AppConfig:
@@ -40,7 +43,7 @@ def engine_config(**overrides) -> AppConfig:
         "engine": {"model": "tiny", "kv_cache_memory_bytes": 16 << 20, "max_num_seqs": NUM_SEQS,
                    "max_model_len": CONTEXT},
         "engine_deployment": {"num_replicas": 2, "max_replicas_per_node": 1, "num_cpus": 0.3,
-                              "max_ongoing_requests": NUM_SEQS, "max_queued_requests": 64,
+                              "max_ongoing_requests": MAX_ONGOING, "max_queued_requests": 64,
                               "health_check_period_s": 1, "health_check_timeout_s": 30,
                               # Long: a stopping replica waits for its streams, however slow they are.
                               "graceful_shutdown_timeout_s": 600},
@@ -101,6 +104,7 @@ class Stream:
         self.error: str | None = None  # a transport failure (none expected: errors come in-band)
         self.ended_at: float | None = None
         self.started = threading.Event()
+        self._closing = threading.Event()
         body = {"model": "grok-test", "prompt": prompt, "max_tokens": CONTEXT - len(prompt), "ignore_eos": True,
                 "stream": True, "temperature": 0, "stream_options": {"include_usage": True}}
         self.expected_tokens = body["max_tokens"]
@@ -112,6 +116,8 @@ class Stream:
             with httpx.stream("POST", url + "/v1/completions", json=body, timeout=600) as response:
                 self.status = response.status_code
                 for line in response.iter_lines():
+                    if self._closing.is_set():
+                        break  # the client goes away: the gateway aborts the request
                     if line.startswith("data: "):
                         self.events.append(line[6:])
                         self.started.set()
@@ -120,6 +126,9 @@ class Stream:
         finally:
             self.ended_at = time.monotonic()
             self.started.set()
+
+    def close(self) -> None:
+        self._closing.set()
 
     def join(self, timeout: float) -> bool:
         self._thread.join(timeout)
@@ -178,3 +187,98 @@ def test_replicas_land_on_different_nodes_and_both_serve(cluster):
     assert len(nodes) == 2 and len(set(nodes.values())) == 2, nodes
     assert set(nodes.values()) <= live_nodes()
     assert wait_until(lambda: served_by_each(cluster.url, set(nodes)), 300, 0)
+
+
+def per_replica(url: str, name: str) -> dict[str, float]:
+    return labels_of(httpx.get(url + "/metrics", timeout=60).text, name, "replica")
+
+
+def streams_on_both(url: str, wait: bool = True) -> list[Stream]:
+    """STREAMS streams at once (Serve balances them over the replicas), each to the end of the context;
+    all under way when `wait` (only those the engines admit at once can be)."""
+    streams = [Stream(url, [5 + i, 6, 7]) for i in range(STREAMS)]
+    if wait:
+        assert all(s.started.wait(600) for s in streams)
+    return streams
+
+
+def closed(streams: list[Stream]) -> None:
+    for s in streams:
+        s.close()
+    assert all(s.join(600) for s in streams)
+
+
+# --- zero-downtime config update ---------------------------------------------------------------------
+def test_config_update_under_streams_loses_no_request(cluster):
+    before = set(replica_nodes(APP))
+    streams = streams_on_both(cluster.url)
+    trickle = Trickle(cluster.url)
+    # Every replica of both deployments is replaced (their arguments changed); serve.run returns once
+    # the new version serves, while the old replicas still drain their streams.
+    deploy(engine_config(engine={"max_num_seqs": NEW_NUM_SEQS}, engine_deployment={"max_surge_percent": 50}))
+    for s in streams:
+        assert s.join(900), "a stream on a replacing replica never ended"
+    results = trickle.stop()
+    for s in streams:
+        assert s.completed, (s.status, s.error, s.errors, s.finish_reason, s.tokens)
+    assert results and all(status == 200 for _, status, _ in results), results
+    assert wait_until(lambda: not set(replica_nodes(APP)) & before, 300, 1.0), "old replicas did not stop"
+    # In effect: however Serve splits the streams, no replica runs more than the new max_num_seqs at
+    # once, and those beyond wait in the schedulers (under the old value fewer or none would wait).
+    after = set(replica_nodes(APP))
+    streams = streams_on_both(cluster.url, wait=False)
+    try:
+        def capped() -> bool:
+            running = per_replica(cluster.url, "grok_serve:num_requests_running")
+            waiting = per_replica(cluster.url, "grok_serve:num_requests_waiting")
+            return (set(running) >= after and all(running[r] <= NEW_NUM_SEQS for r in after)
+                    and sum(running[r] + waiting[r] for r in after) == STREAMS
+                    and sum(waiting[r] for r in after) >= STREAMS - len(after) * NEW_NUM_SEQS)
+
+        assert wait_until(capped, 300, 0.5), (per_replica(cluster.url, "grok_serve:num_requests_running"),
+                                               per_replica(cluster.url, "grok_serve:num_requests_waiting"))
+    finally:
+        closed(streams)
+
+
+# --- a node lost -------------------------------------------------------------------------------------
+def test_node_lost_under_traffic(cluster):
+    nodes = replica_nodes(APP)
+    assert len(set(nodes.values())) == 2, nodes
+    head = head_node(cluster)
+    victim_replica, victim_node = next((r, n) for r, n in nodes.items() if n != head)
+    survivor = next(r for r in nodes if r != victim_replica)
+    victim = next(w for w in cluster.workers if w.node_id == victim_node)
+    streams = streams_on_both(cluster.url)
+    trickle = Trickle(cluster.url)
+    lost = time.monotonic()
+    cluster.cluster.remove_node(victim, allow_graceful=False)  # its raylet and workers killed: a crash
+
+    for s in streams:
+        assert s.join(600), "a stream hung after its node was lost"
+    cut = [s for s in streams if not s.completed]
+    # The streams on the lost replica end with an in-band error naming the engine (then [DONE]); those
+    # on the surviving one run to their end untouched.
+    assert 1 <= len(cut) < len(streams), [(s.status, s.errors, s.finish_reason) for s in streams]
+    for s in cut:
+        assert s.status == 200 and s.error is None and s.events[-1] == "[DONE]", (s.status, s.error, s.events[-3:])
+        assert [e["code"] for e in s.errors] == ["engine_unavailable"], s.errors
+    detected = max(s.ended_at for s in cut) - lost
+
+    def replaced() -> bool:
+        now = replica_nodes(APP)
+        return (len(now) == 2 and survivor in now and victim_replica not in now
+                and len(set(now.values())) == 2 and set(now.values()) <= live_nodes())
+
+    assert wait_until(replaced, 600, 0.5), replica_nodes(APP)
+    new = set(replica_nodes(APP))
+    assert wait_until(lambda: served_by_each(cluster.url, new), 600, 0)
+    recovered = time.monotonic() - lost
+    results = trickle.stop()
+    failed = [(round(t - lost, 1), status, code) for t, status, code in results if status != 200]
+    # New requests meanwhile: any that fail get a clear 503 (no hang, no 500).
+    assert all(status == 503 and code == "engine_unavailable" for _, status, code in failed), failed
+    print(f"\nnode lost: in-flight streams cut {len(cut)}/{len(streams)}, detected after {detected:.1f} s; "
+          f"replica replaced and serving after {recovered:.1f} s; new requests failed {len(failed)}/"
+          f"{len(results)} {failed}")
+    cluster.add_node()  # back to three nodes, as an operator would
