@@ -56,9 +56,11 @@ class LocalCluster:
 
 
 @contextlib.contextmanager
-def local_cluster(nodes: int, num_cpus: int = 1) -> Iterator[LocalCluster]:
+def local_cluster(nodes: int, num_cpus: int = 1, head_resources: dict[str, float] | None = None
+                  ) -> Iterator[LocalCluster]:
     """`nodes` Ray nodes of `num_cpus` logical CPUs each (Ray takes whole numbers per node; replicas and
-    ranks take fractions), Serve on the head's 127.0.0.1 and a free port; everything stopped afterwards."""
+    ranks take fractions), the head with `head_resources` besides, Serve on the head's 127.0.0.1 and a
+    free port; everything stopped afterwards."""
     import ray
     from ray import serve
     from ray._private import ray_constants
@@ -72,7 +74,7 @@ def local_cluster(nodes: int, num_cpus: int = 1) -> Iterator[LocalCluster]:
     ray_constants.ENABLE_RAY_CLUSTER = False
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": num_cpus, "node_ip_address": "127.0.0.1", "gcs_server_port": free_port(),
-        "include_dashboard": False})
+        "include_dashboard": False, "resources": head_resources or {}})
     try:
         for _ in range(nodes - 1):
             cluster.add_node(num_cpus=num_cpus, node_ip_address="127.0.0.1")

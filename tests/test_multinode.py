@@ -12,15 +12,19 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import signal
 import threading
 import time
 
 import httpx
+import numpy as np
+import psutil
 import pytest
 
+from loadtests import run as lt
 from services.gateway.config import AppConfig, load_config
-from tests.serve_support import local_cluster, replica_nodes
-from tests.test_gateway_support import wait_until
+from tests.serve_support import actor_nodes, local_cluster, replica_nodes
+from tests.test_gateway_support import reference_tiny_or_skip, wait_until
 from tests.test_serve_metrics import labels_of
 
 ray = pytest.importorskip("ray")
@@ -59,15 +63,23 @@ def _merged(base: dict, over: dict) -> dict:
     return out
 
 
-def deploy(config: AppConfig, name: str = APP) -> None:
-    from services.serve_app import build_application
+GATEWAY_RESOURCE = "grok_gateway"  # the chart's pin of gateway replicas to gateway pods, here the head
 
-    serve.run(build_application(config), name=name, route_prefix="/")
+
+def deploy(config: AppConfig, name: str = APP) -> None:
+    """The application as build_application makes it, the gateway pinned to the head as the chart pins
+    it to gateway pods: a lost GPU node takes engine replicas only."""
+    from services.serve_app import EngineDeployment, GatewayDeployment, engine_options, gateway_options
+
+    engine = EngineDeployment.options(**engine_options(config)).bind(config)
+    options = gateway_options(config)
+    options["ray_actor_options"] = {**options["ray_actor_options"], "resources": {GATEWAY_RESOURCE: 1}}
+    serve.run(GatewayDeployment.options(**options).bind(engine, config), name=name, route_prefix="/")
 
 
 @pytest.fixture(scope="module")
 def cluster():
-    with local_cluster(nodes=3) as c:
+    with local_cluster(nodes=3, head_resources={GATEWAY_RESOURCE: 1000}) as c:
         yield c
 
 
@@ -282,3 +294,72 @@ def test_node_lost_under_traffic(cluster):
           f"replica replaced and serving after {recovered:.1f} s; new requests failed {len(failed)}/"
           f"{len(results)} {failed}")
     cluster.add_node()  # back to three nodes, as an operator would
+
+
+# --- a parallel group over two nodes -----------------------------------------------------------------
+def test_parallel_group_spans_two_nodes_and_matches_the_golden_tokens(cluster):
+    model = reference_tiny_or_skip()
+    golden = dict(np.load(model / "golden_float32.npz"))
+    serve.delete(APP)
+    deploy(engine_config(
+        engine={"model": str(model), "dtype": "float32", "parallel_size": 2, "placement_strategy": "STRICT_SPREAD",
+                "max_model_len": 256},
+        engine_deployment={"num_replicas": 1, "max_replicas_per_node": None}))
+    replica = list(replica_nodes(APP).values())
+    ranks = actor_nodes("Rank")
+    assert len(replica) == 1 and len(ranks) == 1, (replica, ranks)
+    assert replica[0] != ranks[0] and {*replica, *ranks} <= live_nodes()  # rank 0 and rank 1 on two nodes
+    indices = sorted(int(k.split("_")[1]) for k in golden if k.startswith("prompt_"))
+    for j in indices:
+        body = {"model": "grok-test", "prompt": golden[f"prompt_{j}"].tolist(), "max_tokens": 24, "temperature": 0,
+                "ignore_eos": True, "return_token_ids": True}
+        out = httpx.post(cluster.url + "/v1/completions", json=body, timeout=300)
+        assert out.status_code == 200, out.text
+        assert out.json()["choices"][0]["token_ids"] == golden[f"greedy_{j}"].tolist(), f"prompt {j}"
+    serve.delete(APP)
+    assert wait_until(lambda: not actor_nodes("Rank"), 300, 0.5), "rank 1 outlived its replica"
+
+
+# --- autoscaling under load --------------------------------------------------------------------------
+def running_replicas() -> int:
+    status = serve.status().applications[APP].deployments["GrokEngine"]
+    return status.replica_states.get("RUNNING", 0)
+
+
+def test_autoscaling_follows_a_locust_load(cluster, tmp_path):
+    deploy(engine_config(engine_deployment={
+        "num_replicas": 1,
+        # A replica holding more than 2 requests on average asks for another; the look-back and delays
+        # are short so that the test waits seconds, not minutes, for each decision.
+        "autoscaling": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 2,
+                        "upscale_delay_s": 0, "downscale_delay_s": 5, "look_back_period_s": 2}}))
+    assert running_replicas() == 1 and len(replica_nodes(APP)) == 1
+    # The scenario's users hold 6 long streams open for as long as it runs; the test ends the run once
+    # the second replica serves.
+    scenario = lt.load_scenario(lt.REPO / "loadtests" / "scenarios" / "autoscale.yaml")
+    outcome: dict = {}
+    locust = threading.Thread(target=lambda: outcome.update(lt.run_locust(cluster.url, scenario, tmp_path, "up")))
+    locust.start()
+    try:
+        assert wait_until(lambda: running_replicas() == 2, 600, 1.0), serve.status()
+        replicas = set(replica_nodes(APP))
+        assert len(replicas) == 2 and len(set(replica_nodes(APP).values())) == 2
+        done = lambda: per_replica(cluster.url, "grok_serve:request_success_total")
+        assert wait_until(lambda: all(done().get(r, 0) > 0 for r in replicas), 600, 1.0), done()
+        trickle = Trickle(cluster.url)  # new requests go on through the scale-down
+    finally:
+        for child in psutil.Process().children(recursive=True):
+            if "locust" in " ".join(child.cmdline()):
+                child.send_signal(signal.SIGTERM)  # locust writes its summary and exits
+        locust.join(600)
+    # Load gone: Serve drains one replica and stops it.
+    assert wait_until(lambda: running_replicas() == 1 and len(replica_nodes(APP)) == 1, 600, 1.0), serve.status()
+    results = trickle.stop()
+    assert outcome, "locust wrote no summary"
+    assert outcome["requests_failed"] == 0 and outcome["failure_rows"] == [], outcome["failures"]
+    assert outcome["requests_rejected"] == 0 and outcome["requests_ok"] > 0
+    assert results and all(status == 200 for _, status, _ in results), results
+    print(f"\nautoscaling: 1 -> 2 -> 1 replicas; locust {outcome['requests_ok']} ok, {outcome['requests_failed']} "
+          f"failed, {outcome['requests_rejected']} rejected; requests through the scale-down {len(results)}, "
+          f"failed {sum(status != 200 for _, status, _ in results)}")
+    serve.delete(APP)
