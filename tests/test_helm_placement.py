@@ -79,12 +79,12 @@ def test_one_rank_replicas_spread_over_nodes(helm, crd_validator):  # noqa: F811
 
 def test_surge_and_autoscaling_window_apply_in_place(helm):  # noqa: F811
     base = ["--set", "engine.autoscaling.enabled=true", "--set", "engine.autoscaling.targetOngoingRequests=64"]
-    docs = render(helm, *base, "--set", "engine.maxSurgePercent=50", "--set", "engine.autoscaling.lookBackPeriodS=10")
+    docs = render(helm, *base, "--set", "engine.maxSurgePercent=50", "--set", "engine.autoscaling.lookBackPeriodS=20")
     engine = overrides(docs)["GrokEngine"]
-    assert engine["max_surge_percent"] == 50 and engine["autoscaling_config"]["look_back_period_s"] == 10
+    assert engine["max_surge_percent"] == 50 and engine["autoscaling_config"]["look_back_period_s"] == 20
     config = effective_config(docs)
     assert config.engine_deployment.max_surge_percent == 50
-    assert config.engine_deployment.autoscaling.look_back_period_s == 10
+    assert config.engine_deployment.autoscaling.look_back_period_s == 20
     assert config.engine_deployment.autoscaling.target_ongoing_requests == 64
     # Lightweight options: the application's arguments (which restart replicas) do not change.
     assert app_args(docs) == app_args(render(helm, *base))
@@ -100,6 +100,7 @@ BAD_VALUES = [
     ("replicas-per-node-with-a-group", {"engine": {"placement": {"maxReplicasPerNode": 1}}},
      "maxReplicasPerNode applies to one-rank replicas"),
     ("surge-over-100", {"engine": {"maxSurgePercent": 150}}, "maxSurgePercent"),
+    ("look-back-within-reports", {"engine": {"autoscaling": {"lookBackPeriodS": 5}}}, "lookBackPeriodS"),
     ("pod-ceiling-below-spanning-replicas", {"engine": {"replicas": 2, "placement": {"nodesPerReplica": 2}},
                                              "worker": {"maxReplicas": 3}}, "worker.maxReplicas"),
 ]

@@ -110,14 +110,14 @@ class Stream:
     """One streamed completion to the end of the context, read on its own thread: what it received, how
     it ended and when."""
 
-    def __init__(self, url: str, prompt: list[int]):
+    def __init__(self, url: str, prompt: list[int], context: int = CONTEXT):
         self.events: list[str] = []
         self.status: int | None = None
         self.error: str | None = None  # a transport failure (none expected: errors come in-band)
         self.ended_at: float | None = None
         self.started = threading.Event()
         self._closing = threading.Event()
-        body = {"model": "grok-test", "prompt": prompt, "max_tokens": CONTEXT - len(prompt), "ignore_eos": True,
+        body = {"model": "grok-test", "prompt": prompt, "max_tokens": context - len(prompt), "ignore_eos": True,
                 "stream": True, "temperature": 0, "stream_options": {"include_usage": True}}
         self.expected_tokens = body["max_tokens"]
         self._thread = threading.Thread(target=self._read, args=(url, body), daemon=True)
@@ -297,25 +297,65 @@ def test_node_lost_under_traffic(cluster):
 
 
 # --- a parallel group over two nodes -----------------------------------------------------------------
+REFERENCE_CONTEXT = 256
+
+
+def group_nodes() -> tuple[dict[str, str], list[str]]:
+    return replica_nodes(APP), actor_nodes("Rank")
+
+
+def spans_two_nodes(replica: dict[str, str], ranks: list[str]) -> bool:
+    """One replica (rank 0) and one Rank actor (rank 1), on two different live nodes."""
+    nodes = [*replica.values(), *ranks]
+    return len(replica) == 1 and len(ranks) == 1 and len(set(nodes)) == 2 and set(nodes) <= live_nodes()
+
+
+def assert_golden(url: str, golden: dict) -> None:
+    for j in sorted(int(k.split("_")[1]) for k in golden if k.startswith("prompt_")):
+        body = {"model": "grok-test", "prompt": golden[f"prompt_{j}"].tolist(), "max_tokens": 24, "temperature": 0,
+                "ignore_eos": True, "return_token_ids": True}
+        out = httpx.post(url + "/v1/completions", json=body, timeout=300)
+        assert out.status_code == 200, out.text
+        assert out.json()["choices"][0]["token_ids"] == golden[f"greedy_{j}"].tolist(), f"prompt {j}"
+
+
 def test_parallel_group_spans_two_nodes_and_matches_the_golden_tokens(cluster):
     model = reference_tiny_or_skip()
     golden = dict(np.load(model / "golden_float32.npz"))
     serve.delete(APP)
     deploy(engine_config(
         engine={"model": str(model), "dtype": "float32", "parallel_size": 2, "placement_strategy": "STRICT_SPREAD",
-                "max_model_len": 256},
+                "max_model_len": REFERENCE_CONTEXT},
         engine_deployment={"num_replicas": 1, "max_replicas_per_node": None}))
-    replica = list(replica_nodes(APP).values())
-    ranks = actor_nodes("Rank")
-    assert len(replica) == 1 and len(ranks) == 1, (replica, ranks)
-    assert replica[0] != ranks[0] and {*replica, *ranks} <= live_nodes()  # rank 0 and rank 1 on two nodes
-    indices = sorted(int(k.split("_")[1]) for k in golden if k.startswith("prompt_"))
-    for j in indices:
-        body = {"model": "grok-test", "prompt": golden[f"prompt_{j}"].tolist(), "max_tokens": 24, "temperature": 0,
-                "ignore_eos": True, "return_token_ids": True}
-        out = httpx.post(cluster.url + "/v1/completions", json=body, timeout=300)
-        assert out.status_code == 200, out.text
-        assert out.json()["choices"][0]["token_ids"] == golden[f"greedy_{j}"].tolist(), f"prompt {j}"
+    assert spans_two_nodes(*group_nodes()), group_nodes()
+    assert_golden(cluster.url, golden)
+
+
+def test_losing_a_node_of_the_group_replaces_the_whole_group(cluster):
+    golden = dict(np.load(reference_tiny_or_skip() / "golden_float32.npz"))
+    replica, ranks = group_nodes()
+    assert spans_two_nodes(replica, ranks), (replica, ranks)
+    (old_replica, replica_node), rank_node = next(iter(replica.items())), ranks[0]
+    lost = next(n for n in (replica_node, rank_node) if n != head_node(cluster))
+    streams = [Stream(cluster.url, [5 + i, 6, 7], context=REFERENCE_CONTEXT) for i in range(2)]
+    assert all(s.started.wait(600) for s in streams)
+    trickle = Trickle(cluster.url)  # an idle group hears of a lost rank at its next step: keep steps coming
+    cluster.cluster.remove_node(next(w for w in cluster.workers if w.node_id == lost), allow_graceful=False)
+    for s in streams:
+        assert s.join(600), "a stream hung after a node of its group was lost"
+        assert s.completed or ([e["code"] for e in s.errors] == ["engine_unavailable"] and s.events[-1] == "[DONE]"), \
+            (s.status, s.error, s.events[-3:])
+
+    def regrouped() -> bool:
+        now, ranks = group_nodes()
+        return old_replica not in now and spans_two_nodes(now, ranks)
+
+    assert wait_until(regrouped, 600, 1.0), group_nodes()
+    results = trickle.stop()
+    assert all(status == 200 or (status == 503 and code == "engine_unavailable") for _, status, code in results), \
+        results
+    assert_golden(cluster.url, golden)  # the new group, both ranks again, over the surviving nodes
+    cluster.add_node()
     serve.delete(APP)
     assert wait_until(lambda: not actor_nodes("Rank"), 300, 0.5), "rank 1 outlived its replica"
 
@@ -332,7 +372,7 @@ def test_autoscaling_follows_a_locust_load(cluster, tmp_path):
         # A replica holding more than 2 requests on average asks for another; the look-back and delays
         # are short so that the test waits seconds, not minutes, for each decision.
         "autoscaling": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 2,
-                        "upscale_delay_s": 0, "downscale_delay_s": 5, "look_back_period_s": 2}}))
+                        "upscale_delay_s": 0, "downscale_delay_s": 5, "look_back_period_s": 12}}))
     assert running_replicas() == 1 and len(replica_nodes(APP)) == 1
     # The scenario's users hold 6 long streams open for as long as it runs; the test ends the run once
     # the second replica serves.

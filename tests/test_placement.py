@@ -21,6 +21,7 @@ from services.gateway.config import AutoscalingConfig, config_from_dict, load_co
     ({"engine": {"parallel_size": 2}, "engine_deployment": {"max_replicas_per_node": 1}},
      "max_replicas_per_node applies to one-rank replicas only"),
     ({"engine_deployment": {"autoscaling": {"look_back_period_s": 0}}}, "look_back_period_s"),
+    ({"engine_deployment": {"autoscaling": {"look_back_period_s": 10}}}, "exceed Serve's 10 s reporting"),
     ({"engine_deployment": {"max_surge_percent": 101}}, "max_surge_percent must be an integer in"),
 ])
 def test_bad_placement_options_name_themselves(data, message):
@@ -66,9 +67,9 @@ def test_serve_accepts_the_options_it_is_given():
 
 def test_autoscaling_windows_reach_serve():
     scaling = AutoscalingConfig(min_replicas=1, max_replicas=2, target_ongoing_requests=2,
-                                look_back_period_s=2)
+                                look_back_period_s=12)
     out = scaling.to_serve()
-    assert out["look_back_period_s"] == 2
+    assert out["look_back_period_s"] == 12
     from ray.serve.config import AutoscalingConfig as ServeAutoscaling
 
     ServeAutoscaling(**out)  # Serve's schema accepts every key

@@ -69,7 +69,8 @@ class AutoscalingConfig:
     target_ongoing_requests: float = 32.0
     upscale_delay_s: float = 30.0
     downscale_delay_s: float = 600.0
-    look_back_period_s: float = 30.0  # the window Serve averages ongoing requests over
+    # The window Serve averages ongoing requests over: longer than the 10 s between callers' reports.
+    look_back_period_s: float = 30.0
 
     def __post_init__(self) -> None:
         if isinstance(self.min_replicas, bool) or not isinstance(self.min_replicas, int) \
@@ -89,6 +90,9 @@ class AutoscalingConfig:
         non_negative_number("autoscaling", "upscale_delay_s", self.upscale_delay_s)
         non_negative_number("autoscaling", "downscale_delay_s", self.downscale_delay_s)
         non_negative_number("autoscaling", "look_back_period_s", self.look_back_period_s, positive=True)
+        if self.look_back_period_s <= 10:
+            raise ConfigError(f"autoscaling.look_back_period_s must exceed Serve's 10 s reporting interval, "
+                              f"got {self.look_back_period_s!r}")
 
     def to_serve(self) -> dict[str, Any]:
         out = {"min_replicas": self.min_replicas, "max_replicas": self.max_replicas,
