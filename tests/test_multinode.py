@@ -30,7 +30,7 @@ from tests.test_serve_metrics import labels_of
 ray = pytest.importorskip("ray")
 from ray import serve
 
-pytestmark = [pytest.mark.timeout(900), pytest.mark.filterwarnings("ignore::DeprecationWarning")]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900), pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 
 APP = "grok-multinode"
 CONTEXT = 2048  # the tiny preset's context: a stream to its end is thousands of decode steps
