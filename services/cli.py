@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from services.engine.config import PLACEMENT_STRATEGIES
 from services.gateway.config import AppConfig, load_config
 
 APP_NAME = "grok-serve"
@@ -34,6 +35,8 @@ _OVERRIDES = {
     "engine_num_cpus": "engine_deployment.num_cpus",
     "max_ongoing_requests": "engine_deployment.max_ongoing_requests",
     "max_queued_requests": "engine_deployment.max_queued_requests", "grpc_port": "grpc_port",
+    "parallel_size": "engine.parallel_size", "placement_strategy": "engine.placement_strategy",
+    "max_replicas_per_node": "engine_deployment.max_replicas_per_node",
 }
 
 
@@ -67,6 +70,13 @@ def add_up_parser(subparsers: Any) -> argparse.ArgumentParser:
     up.add_argument("--max-ongoing-requests", type=int, help="per engine replica")
     up.add_argument("--max-queued-requests", type=int, help="beyond this, requests get 429")
     up.add_argument("--grpc-port", type=int, help="also serve gRPC on this port")
+    up.add_argument("--parallel-size", type=int, help="ranks per engine replica (one model instance)")
+    up.add_argument("--placement-strategy", choices=PLACEMENT_STRATEGIES,
+                    help="where the ranks of a replica go: STRICT_PACK one node (default), PACK one node "
+                         "when it fits, STRICT_SPREAD one rank per node, SPREAD over nodes as they allow")
+    up.add_argument("--max-replicas-per-node", type=int,
+                    help="at most this many engine replicas per Ray node (1: one per node); one-rank "
+                         "replicas only")
     up.set_defaults(func=cmd_up)
     return up
 

@@ -213,8 +213,9 @@ def _replica_id() -> str:
 
 @serve.deployment(name="GrokEngine")
 class EngineDeployment:
-    """One model instance. With engine.parallel_size > 1 the deployment reserves a STRICT_PACK placement
-    group whose bundles hold the other ranks (see `engine_options`); this process is rank 0."""
+    """One model instance. With engine.parallel_size > 1 the deployment reserves a placement group
+    (engine.placement_strategy) whose bundles hold the other ranks (see `engine_options`); this process
+    is rank 0."""
 
     def __init__(self, config: AppConfig):
         # torch and the model load here, not in the gateway.
@@ -327,17 +328,20 @@ def engine_options(config: AppConfig) -> dict[str, Any]:
         "graceful_shutdown_timeout_s": d.graceful_shutdown_timeout_s,
         "health_check_period_s": d.health_check_period_s,
         "health_check_timeout_s": d.health_check_timeout_s,
+        "max_surge_percent": d.max_surge_percent,
         "ray_actor_options": {"num_cpus": d.num_cpus, "num_gpus": d.num_gpus},
     }
     if d.autoscaling is not None:
         options["autoscaling_config"] = d.autoscaling.to_serve()
     else:
         options["num_replicas"] = d.num_replicas
+    if d.max_replicas_per_node is not None:
+        options["max_replicas_per_node"] = d.max_replicas_per_node
     ranks = config.engine.parallel_size
     if ranks > 1:
         # Rank 0 runs in the replica (bundle 0); ranks 1.. are actors placed in the other bundles.
         options["placement_group_bundles"] = [{"CPU": d.num_cpus, "GPU": d.num_gpus}] * ranks
-        options["placement_group_strategy"] = "STRICT_PACK"
+        options["placement_group_strategy"] = config.engine.placement_strategy
     return options
 
 

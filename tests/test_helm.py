@@ -109,7 +109,8 @@ _ENGINE_OVERRIDES = {"num_replicas": "num_replicas", "autoscaling_config": "auto
                      "max_ongoing_requests": "max_ongoing_requests", "max_queued_requests": "max_queued_requests",
                      "graceful_shutdown_timeout_s": "graceful_shutdown_timeout_s",
                      "health_check_period_s": "health_check_period_s",
-                     "health_check_timeout_s": "health_check_timeout_s"}
+                     "health_check_timeout_s": "health_check_timeout_s",
+                     "max_surge_percent": "max_surge_percent"}
 _GATEWAY_OVERRIDES = {"num_replicas": "num_replicas", "max_ongoing_requests": "max_ongoing_requests"}
 
 

@@ -11,6 +11,8 @@ ENGINE_BACKENDS = ("native", "vllm")
 DTYPES = ("float32", "bfloat16", "float16")
 EXPERT_DTYPES = ("auto", "int8", *DTYPES)
 LOAD_FORMATS = ("auto", "release", "safetensors", "hf", "dummy")
+# Ray's placement-group strategies, for the bundles of one parallel group (one per rank).
+PLACEMENT_STRATEGIES = ("STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD")
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,10 @@ class EngineConfig:
     # One model instance over N ranks (services/engine/parallel.py): rank 0 here, N - 1 Ray actors.
     parallel_size: int = 1
     collective_timeout_s: float = 30.0  # a rank silent this long inside a step fails the engine
+    # Where the ranks go (docs/parallelism.md, "Placement"): STRICT_PACK keeps the group on one node
+    # (NVLink; the default); PACK fills one node and spans when it must; STRICT_SPREAD puts every rank
+    # on a node of its own; SPREAD spreads them as far as the nodes allow.
+    placement_strategy: str = "STRICT_PACK"
     # native: services.engine. vllm: vLLM's engine with the Grok-1 plugin (services/vllm_plugin), in the
     # same engine deployment behind the same gateway; needs vLLM installed and a checkpoint directory.
     backend: str = "native"
@@ -58,6 +64,9 @@ class EngineConfig:
         if self.backend == "vllm" and self.parallel_size != 1:
             raise ValueError("EngineConfig.backend 'vllm' runs one rank per replica: parallel_size must be 1")
         non_negative_number("engine", "collective_timeout_s", self.collective_timeout_s, positive=True)
+        if self.placement_strategy not in PLACEMENT_STRATEGIES:
+            raise ValueError(f"engine.placement_strategy must be one of {PLACEMENT_STRATEGIES}, "
+                             f"got {self.placement_strategy!r}")
 
     def context_length(self, model_max_seq_len: int) -> int:
         """max_model_len as served: the configured one, never beyond the model's own context."""

@@ -244,7 +244,7 @@ def join(rdv: Rendezvous, rank: int, device: torch.device, store: dist.Store | N
     # The constructors rendezvous under the connect deadline; collectives then use the shorter one.
     opts = dist.ProcessGroupGloo._Options()
     opts._timeout = _seconds(rdv.connect_timeout_s)
-    opts._devices = [dist.ProcessGroupGloo.create_device(hostname=rdv.host)]
+    opts._devices = [dist.ProcessGroupGloo.create_device(hostname=local_address(rdv.host))]
     control = dist.ProcessGroupGloo(dist.PrefixStore("control", store), rank, rdv.size, opts)
     control.set_timeout(_seconds(rdv.collective_timeout_s))
     if rdv.use_nccl:
@@ -258,6 +258,16 @@ def join(rdv: Rendezvous, rank: int, device: torch.device, store: dist.Store | N
         data = control  # on CPU one gloo backend serves both: commands and collectives never overlap
     channel = StepChannel(control, rank, _seconds(rdv.collective_timeout_s))
     return RankGroup(rank, rdv.size, control, data, TorchDistComm(data, rdv.size, device), channel, store)
+
+
+def local_address(peer: str) -> str:
+    """This host's address on the route to `peer` (rank 0's store), which gloo binds and advertises to the
+    other ranks: on a group that spans nodes rank 0's own address exists only on rank 0's node."""
+    if peer in ("127.0.0.1", "localhost"):
+        return peer
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.connect((peer, 9))  # a UDP connect only picks the route; nothing is sent
+        return sock.getsockname()[0]
 
 
 def _seconds(s: float) -> datetime.timedelta:

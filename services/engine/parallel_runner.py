@@ -51,9 +51,10 @@ class Placement:
     holder: object | None = None  # on GPU, an idle actor holding rank 0's bundle and reporting its GPU
 
 
-def place(size: int, use_gpu: bool, timeout_s: float) -> Placement:
+def place(size: int, use_gpu: bool, timeout_s: float, strategy: str = "STRICT_PACK") -> Placement:
     """The current placement group when this process runs in one (a Serve replica that declared
-    `placement_group_bundles`: bundle 0 is its own), else a new STRICT_PACK one pinned to this node."""
+    `placement_group_bundles`: bundle 0 is its own), else a new one of `strategy` whose bundle 0 is
+    pinned to this node."""
     ray = _ray()
     from ray.util.placement_group import get_current_placement_group, placement_group
 
@@ -66,12 +67,12 @@ def place(size: int, use_gpu: bool, timeout_s: float) -> Placement:
     # Fractional CPUs: the ranks mostly wait on each other, and small hosts must still fit a group.
     bundle = {"GPU": 1, "CPU": 1} if use_gpu else {"CPU": 0.25}
     node = {f"node:{ray.util.get_node_ip_address()}": 0.001}  # rank 0 lives on this node
-    pg = placement_group([{**bundle, **node}] + [dict(bundle)] * (size - 1), strategy="STRICT_PACK")
+    pg = placement_group([{**bundle, **node}] + [dict(bundle)] * (size - 1), strategy=strategy)
     try:
         ray.get(pg.ready(), timeout=timeout_s)
     except ray.exceptions.GetTimeoutError:
         ray.util.remove_placement_group(pg)
-        raise ParallelGroupError(f"no node can hold {size} bundles of {bundle} (STRICT_PACK) within "
+        raise ParallelGroupError(f"the cluster cannot place {size} bundles of {bundle} ({strategy}) within "
                                  f"{timeout_s:.0f} s; free: {ray.available_resources()}") from None
     holder = None
     if use_gpu:
@@ -126,7 +127,7 @@ class ParallelGroup:
             ray.init(address=os.environ.get("RAY_ADDRESS") or "local")
         size, device = config.parallel_size, torch.device(config.device)
         use_gpu = device.type == "cuda"
-        placement = place(size, use_gpu, timeout_s=120.0)
+        placement = place(size, use_gpu, timeout_s=120.0, strategy=config.placement_strategy)
         workers = [_actor(Rank, placement.group, rank).remote() for rank in range(1, size)]
         rank0 = Rank()
         try:

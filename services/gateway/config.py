@@ -121,6 +121,8 @@ class AutoscalingConfig:
     target_ongoing_requests: float = 32.0
     upscale_delay_s: float = 30.0
     downscale_delay_s: float = 600.0
+    # The window Serve averages ongoing requests over: longer than the 10 s between callers' reports.
+    look_back_period_s: float = 30.0
 
     def __post_init__(self) -> None:
         if isinstance(self.min_replicas, bool) or not isinstance(self.min_replicas, int) \
@@ -139,11 +141,16 @@ class AutoscalingConfig:
                              positive=True)
         non_negative_number("autoscaling", "upscale_delay_s", self.upscale_delay_s)
         non_negative_number("autoscaling", "downscale_delay_s", self.downscale_delay_s)
+        non_negative_number("autoscaling", "look_back_period_s", self.look_back_period_s, positive=True)
+        if self.look_back_period_s <= 10:
+            raise ConfigError(f"autoscaling.look_back_period_s must exceed Serve's 10 s reporting interval, "
+                              f"got {self.look_back_period_s!r}")
 
     def to_serve(self) -> dict[str, Any]:
         out = {"min_replicas": self.min_replicas, "max_replicas": self.max_replicas,
                "target_ongoing_requests": self.target_ongoing_requests,
-               "upscale_delay_s": self.upscale_delay_s, "downscale_delay_s": self.downscale_delay_s}
+               "upscale_delay_s": self.upscale_delay_s, "downscale_delay_s": self.downscale_delay_s,
+               "look_back_period_s": self.look_back_period_s}
         if self.initial_replicas is not None:
             out["initial_replicas"] = self.initial_replicas
         return out
@@ -156,11 +163,18 @@ class EngineDeploymentConfig:
     num_replicas: int = 1  # ignored when autoscaling is set
     autoscaling: AutoscalingConfig | None = None
     # The ranks of one model instance are `engine.parallel_size`: above 1 the deployment reserves a
-    # STRICT_PACK placement group of that many bundles. Files written for older versions repeat it
+    # placement group (engine.placement_strategy) of that many bundles. Files written for older versions repeat it
     # here; it is accepted when it agrees.
     parallel_size: int | None = None
     num_cpus: float = 1.0  # per rank
     num_gpus: float = 0.0  # per rank
+    # At most this many replicas on one Ray node (1: each on a node of its own, so a node's loss takes
+    # one replica); null: Serve spreads them as it can. With engine.parallel_size > 1 the ranks'
+    # bundles decide instead (Serve refuses both at once): see engine.placement_strategy.
+    max_replicas_per_node: int | None = None
+    # A rollout (new options or code) may start this many percent more replicas than configured, so the
+    # new ones serve before the old ones stop; 0 (Serve's default) stops old ones first.
+    max_surge_percent: int = 0
     # The engine batches continuously, so many requests are "ongoing" in one replica at once; beyond
     # this they wait in the caller's queue, and beyond max_queued_requests they are refused (429).
     max_ongoing_requests: int = 64
@@ -174,6 +188,10 @@ class EngineDeploymentConfig:
         owner = "engine_deployment"
         positive_int(owner, "num_replicas", self.num_replicas)
         positive_int(owner, "parallel_size", self.parallel_size, allow_none=True)
+        positive_int(owner, "max_replicas_per_node", self.max_replicas_per_node, allow_none=True)
+        if isinstance(self.max_surge_percent, bool) or not isinstance(self.max_surge_percent, int) \
+                or not 0 <= self.max_surge_percent <= 100:
+            raise ConfigError(f"{owner}.max_surge_percent must be an integer in [0, 100], got {self.max_surge_percent!r}")
         non_negative_number(owner, "num_cpus", self.num_cpus)
         non_negative_number(owner, "num_gpus", self.num_gpus)
         positive_int(owner, "max_ongoing_requests", self.max_ongoing_requests)
@@ -265,6 +283,9 @@ class AppConfig:
         if ranks is not None and ranks != self.engine.parallel_size:
             raise ConfigError(f"engine_deployment.parallel_size ({ranks}) disagrees with engine.parallel_size "
                               f"({self.engine.parallel_size}); set engine.parallel_size only")
+        if self.engine_deployment.max_replicas_per_node is not None and self.engine.parallel_size > 1:
+            raise ConfigError("engine_deployment.max_replicas_per_node applies to one-rank replicas only: with "
+                              "engine.parallel_size > 1 the placement group decides (engine.placement_strategy)")
         if self.served_model_name is not None and (not isinstance(self.served_model_name, str)
                                                    or not self.served_model_name.strip()):
             raise ConfigError(f"served_model_name must be a non-empty string or null, "

@@ -145,22 +145,38 @@ on the head): each gateway replica asks for one unit of it.
 {{- if eq .Values.engine.device "cuda" }}1{{ else }}0{{ end }}
 {{- end }}
 
-{{/* Worker pod counts: one GPU pod per engine replica. */}}
+{{/* Worker pod counts: engine.placement.nodesPerReplica GPU pods per engine replica (one by default). */}}
 {{- define "grok-serve.workerReplicas" -}}
 {{- $a := .Values.engine.autoscaling }}
+{{- $nodes := int .Values.engine.placement.nodesPerReplica }}
 {{- if $a.enabled }}
-{{- if kindIs "invalid" $a.initialReplicas }}{{ $a.minReplicas }}{{ else }}{{ $a.initialReplicas }}{{ end }}
-{{- else }}{{ .Values.engine.replicas }}{{ end }}
+{{- if kindIs "invalid" $a.initialReplicas }}{{ mul $a.minReplicas $nodes }}{{ else }}{{ mul $a.initialReplicas $nodes }}{{ end }}
+{{- else }}{{ mul .Values.engine.replicas $nodes }}{{ end }}
+{{- end }}
+
+{{/* GPU pods the engine replicas may need at most. */}}
+{{- define "grok-serve.workerNeeded" -}}
+{{- mul (ternary .Values.engine.autoscaling.maxReplicas .Values.engine.replicas .Values.engine.autoscaling.enabled) .Values.engine.placement.nodesPerReplica }}
 {{- end }}
 
 {{- define "grok-serve.workerMaxReplicas" -}}
-{{- $needed := ternary .Values.engine.autoscaling.maxReplicas .Values.engine.replicas .Values.engine.autoscaling.enabled }}
-{{- if kindIs "invalid" .Values.worker.maxReplicas }}{{ $needed }}{{ else }}{{ .Values.worker.maxReplicas }}{{ end }}
+{{- if kindIs "invalid" .Values.worker.maxReplicas }}{{ include "grok-serve.workerNeeded" . }}{{ else }}{{ .Values.worker.maxReplicas }}{{ end }}
 {{- end }}
 
 {{/* The engine's replica floor: GPU pods that exist whatever the load. */}}
 {{- define "grok-serve.workerFloor" -}}
-{{- ternary .Values.engine.autoscaling.minReplicas .Values.engine.replicas .Values.engine.autoscaling.enabled }}
+{{- mul (ternary .Values.engine.autoscaling.minReplicas .Values.engine.replicas .Values.engine.autoscaling.enabled) .Values.engine.placement.nodesPerReplica }}
+{{- end }}
+
+{{/* GPUs of one GPU pod: its share of one replica's ranks. */}}
+{{- define "grok-serve.gpusPerPod" -}}
+{{- mul (include "grok-serve.gpusPerRank" . | int) (div (int .Values.engine.parallelSize) (int .Values.engine.placement.nodesPerReplica)) }}
+{{- end }}
+
+{{/* The placement-group strategy of a replica's ranks: STRICT_PACK on one pod, PACK across pods. */}}
+{{- define "grok-serve.placementStrategy" -}}
+{{- $p := .Values.engine.placement }}
+{{- if $p.strategy }}{{ $p.strategy }}{{ else if gt (int $p.nodesPerReplica) 1 }}PACK{{ else }}STRICT_PACK{{ end }}
 {{- end }}
 
 {{- define "grok-serve.gatewayMaxReplicas" -}}
@@ -204,9 +220,19 @@ works; see values.yaml).
 {{- fail (printf "engine.autoscaling.initialReplicas (%v) must be within [minReplicas, maxReplicas]" $a.initialReplicas) }}
 {{- end }}
 {{- end }}
-{{- $needed := ternary $a.maxReplicas $v.engine.replicas $a.enabled }}
-{{- if and (not (kindIs "invalid" $v.worker.maxReplicas)) (lt (int $v.worker.maxReplicas) (int $needed)) }}
-{{- fail (printf "worker.maxReplicas (%v) is below the engine replicas it must hold (%v)" $v.worker.maxReplicas $needed) }}
+{{- $needed := include "grok-serve.workerNeeded" . | int }}
+{{- if and (not (kindIs "invalid" $v.worker.maxReplicas)) (lt (int $v.worker.maxReplicas) $needed) }}
+{{- fail (printf "worker.maxReplicas (%v) is below the GPU pods the engine replicas need (%v)" $v.worker.maxReplicas $needed) }}
+{{- end }}
+{{- $p := $v.engine.placement }}
+{{- if ne (mod (int $v.engine.parallelSize) (int $p.nodesPerReplica)) 0 }}
+{{- fail (printf "engine.placement.nodesPerReplica (%v) must divide engine.parallelSize (%v): each GPU pod holds the same number of ranks" $p.nodesPerReplica $v.engine.parallelSize) }}
+{{- end }}
+{{- if and (gt (int $p.nodesPerReplica) 1) (eq (include "grok-serve.placementStrategy" .) "STRICT_PACK") }}
+{{- fail (printf "engine.placement.strategy STRICT_PACK keeps a replica on one node, but nodesPerReplica is %v: use PACK (or SPREAD)" $p.nodesPerReplica) }}
+{{- end }}
+{{- if and (not (kindIs "invalid" $p.maxReplicasPerNode)) (gt (int $v.engine.parallelSize) 1) }}
+{{- fail "engine.placement.maxReplicasPerNode applies to one-rank replicas (parallelSize 1): a parallel group's placement group decides where its ranks go" }}
 {{- end }}
 {{- if and $a.enabled (gt (float64 $a.targetOngoingRequests) (float64 $v.engine.maxOngoingRequests)) }}
 {{- fail (printf "engine.autoscaling.targetOngoingRequests (%v) is above engine.maxOngoingRequests (%v): a replica never gets that many, so Serve would never scale up" $a.targetOngoingRequests $v.engine.maxOngoingRequests) }}
@@ -281,12 +307,14 @@ loader's defaults apply to the build) and set in the per-deployment overrides be
   "enable_prefix_caching" $e.enablePrefixCaching
   "parallel_size" $e.parallelSize
   "collective_timeout_s" $e.collectiveTimeoutS
+  "placement_strategy" (include "grok-serve.placementStrategy" .)
   "backend" $e.backend }}
 {{- /* What placement needs: a change means new replicas anyway. */}}
 {{- $engineDeployment := dict
   "parallel_size" $e.parallelSize
   "num_cpus" $e.numCpusPerRank
-  "num_gpus" (include "grok-serve.gpusPerRank" . | int) }}
+  "num_gpus" (include "grok-serve.gpusPerRank" . | int)
+  "max_replicas_per_node" $e.placement.maxReplicasPerNode }}
 {{- /* The gRPC server reads the shutdown timeout at run time. */}}
 {{- $gatewayDeployment := dict
   "num_cpus" $g.numCpus
@@ -325,7 +353,8 @@ running replicas for them (replica counts, autoscaling, limits, timeouts) withou
   "max_queued_requests" $e.maxQueuedRequests
   "graceful_shutdown_timeout_s" $e.gracefulShutdownTimeoutS
   "health_check_period_s" $e.healthCheckPeriodS
-  "health_check_timeout_s" $e.healthCheckTimeoutS }}
+  "health_check_timeout_s" $e.healthCheckTimeoutS
+  "max_surge_percent" $e.maxSurgePercent }}
 {{- if $e.autoscaling.enabled }}
 {{- $a := $e.autoscaling }}
 {{- $autoscaling := dict
@@ -333,7 +362,8 @@ running replicas for them (replica counts, autoscaling, limits, timeouts) withou
   "max_replicas" $a.maxReplicas
   "target_ongoing_requests" $a.targetOngoingRequests
   "upscale_delay_s" $a.upscaleDelayS
-  "downscale_delay_s" $a.downscaleDelayS }}
+  "downscale_delay_s" $a.downscaleDelayS
+  "look_back_period_s" $a.lookBackPeriodS }}
 {{- if not (kindIs "invalid" $a.initialReplicas) }}
 {{- $_ := set $autoscaling "initial_replicas" $a.initialReplicas }}
 {{- end }}

@@ -110,7 +110,7 @@ spec:
       {{- end }}
       {{- $resources := deepCopy $g.resources }}
       {{- if eq $role "gpu" }}
-      {{- $gpus := mul (include "grok-serve.gpusPerRank" $root | int) (int $v.engine.parallelSize) }}
+      {{- $gpus := include "grok-serve.gpusPerPod" $root | int }}
       {{- $extra := deepCopy $v.worker.extraResources }}
       {{- if gt $gpus 0 }}
       {{- $_ := set $extra $v.worker.gpuResourceName $gpus }}
