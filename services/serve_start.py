@@ -12,14 +12,14 @@ import socket
 import time
 
 
-def start_serve(http_options: dict, timeout_s: float = 600.0) -> None:
-    """serve.start(http_options=...), waiting up to timeout_s for the proxy to listen."""
+def start_serve(http_options: dict, timeout_s: float = 600.0, **options) -> None:
+    """serve.start(http_options=..., **options), waiting up to timeout_s for the proxy to listen."""
     from ray import serve
 
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            serve.start(http_options=http_options)
+            serve.start(http_options=http_options, **options)
             break
         except TimeoutError:
             if time.monotonic() > deadline:

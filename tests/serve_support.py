@@ -83,6 +83,8 @@ def local_cluster(nodes: int, num_cpus: int = 1, head_resources: dict[str, float
     from ray._private import ray_constants
     from ray.cluster_utils import Cluster
 
+    from services.serve_start import start_serve
+
     for name, value in PATIENT_SERVE.items():  # the raylets started below pass them to Serve's actors
         os.environ.setdefault(name, value)
     # A driver joining by address swaps 127.0.0.1 for the host's outward IP, where nothing listens:
@@ -98,7 +100,7 @@ def local_cluster(nodes: int, num_cpus: int = 1, head_resources: dict[str, float
         cluster.wait_for_nodes(timeout=300)
         ray.init(address=cluster.address, namespace="grok-serve-tests", log_to_driver=False)
         port = free_port()
-        serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
+        start_serve({"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
         yield LocalCluster(cluster, f"http://127.0.0.1:{port}")
     finally:
         try:

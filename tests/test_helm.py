@@ -1074,3 +1074,14 @@ def test_operations_guide_helm_commands_render(helm):
             assert done.returncode == 0, f"`{command}` does not render:\n{done.stderr}"
             checked += 1
     assert checked >= 2, "the guide installs and upgrades the chart"
+
+
+def test_every_ray_pod_gives_serves_proxy_its_callback_and_header_timeout(docs, profile):
+    from services.gateway import proxy
+
+    for group, template in ray_templates(docs):
+        env = {e["name"]: e.get("value") for e in ray_container(template).get("env", [])}
+        assert env[proxy.PROXY_CALLBACK_ENV] == proxy.PROXY_CALLBACK, group
+        assert float(env[proxy.HEADER_TIMEOUT_ENV]) == app_args(docs)["header_read_timeout_s"] > 0, group
+    module, function = proxy.PROXY_CALLBACK.split(":")
+    assert callable(getattr(importlib.import_module(module), function))

@@ -14,7 +14,7 @@ serve = pytest.importorskip("ray.serve")
 def test_a_timed_out_start_is_retried_until_the_proxy_listens(monkeypatch):
     calls = []
 
-    def start(http_options):
+    def start(http_options, **options):
         calls.append(http_options)
         if len(calls) == 1:
             raise TimeoutError("HTTP proxies not available after 60s.")
@@ -29,7 +29,7 @@ def test_a_timed_out_start_is_retried_until_the_proxy_listens(monkeypatch):
 
 
 def test_gives_up_at_the_deadline(monkeypatch):
-    def start(http_options):
+    def start(http_options, **options):
         raise TimeoutError("HTTP proxies not available after 60s.")
 
     monkeypatch.setattr(serve, "start", start)

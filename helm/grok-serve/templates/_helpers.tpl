@@ -331,6 +331,7 @@ loader's defaults apply to the build) and set in the per-deployment overrides be
   "chat_template" $g.chatTemplate
   "chat_template_stop" $g.chatTemplateStop
   "max_body_bytes" $g.maxBodyBytes
+  "header_read_timeout_s" $g.headerReadTimeoutS
   "retry_after_s" $g.retryAfterS
   "engine_call_timeout_s" $g.engineCallTimeoutS
   "engine" $engine

@@ -104,10 +104,16 @@ spec:
           containerPort: {{ $v.grpc.port }}
           protocol: TCP
         {{- end }}
-      {{- with $g.env }}
       env:
+        # Serve's HTTP proxy on this pod reads its request callback (request-id sanitising and the
+        # header-read timeout, services/gateway/proxy.py) from the environment, the only way in.
+        - name: RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH
+          value: services.gateway.proxy:proxy_middlewares
+        - name: GROK_SERVE_HEADER_READ_TIMEOUT_S
+          value: {{ $v.gateway.headerReadTimeoutS | quote }}
+        {{- with $g.env }}
         {{- toYaml . | nindent 8 }}
-      {{- end }}
+        {{- end }}
       {{- $resources := deepCopy $g.resources }}
       {{- if eq $role "gpu" }}
       {{- $gpus := include "grok-serve.gpusPerPod" $root | int }}
