@@ -268,6 +268,34 @@ async def _generate_then_kill(engine):
 
 
 @pytest.mark.timeout(900)
+def test_a_worker_lost_while_idle_fails_the_health_check(ray_session):
+    from services.engine.async_engine import AsyncEngine, EngineDeadError, LocalEngineClient
+
+    engine = LLMEngine(EngineConfig(model="tiny", parallel_size=2, collective_timeout_s=600.0))
+    client = LocalEngineClient(AsyncEngine(engine))
+
+    async def unhealthy_after_the_kill() -> EngineDeadError:
+        await client.check_health()  # a live, idle group is healthy
+        ray.kill(engine.group.workers[0])
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                await client.check_health()
+            except EngineDeadError as exc:
+                return exc
+            assert time.monotonic() < deadline, "the lost rank was never noticed"
+            await asyncio.sleep(0.5)
+
+    try:
+        error = asyncio.run(unhealthy_after_the_kill())
+        assert "rank 1" in str(error)
+        with pytest.raises(EngineDeadError):  # and it stays so: Serve replaces the replica
+            asyncio.run(client.check_health())
+    finally:
+        engine.runner.shutdown()
+
+
+@pytest.mark.timeout(900)
 def test_stalled_worker_becomes_an_engine_error(ray_session):
     # 30 s: far above a healthy step's collective even on a starved machine, so only the stop trips it.
     engine = LLMEngine(EngineConfig(model="tiny", parallel_size=2, collective_timeout_s=30.0))

@@ -174,6 +174,12 @@ class LocalEngineClient:
     async def check_health(self) -> None:
         if not self.engine.is_healthy:
             raise EngineDeadError(f"the engine stopped: {self.engine.error!r}")
+        group = self.engine.engine.group
+        if group is not None:
+            try:
+                group.check_workers()
+            except Exception as exc:  # whatever the group reports, the engine cannot serve
+                raise EngineDeadError(f"the engine stopped: {exc!r}") from exc
 
     async def metrics_snapshot(self) -> dict[str, Any]:
         # The step thread mutates the statistics: read them between steps.

@@ -162,6 +162,17 @@ class ParallelGroup:
         except Exception as exc:  # a peer died or stalled inside a collective, or this rank failed
             raise self.fail(exc) from exc
 
+    def check_workers(self) -> None:
+        """Raises the group's error if it failed, or fails it if a worker's loop has ended (its process
+        or node lost). Health checks call it, so a group that lost a rank while idle is replaced before
+        a request meets it; a step would only find out inside its first collective."""
+        if self.error is None and self._loops:
+            done, _ = _ray().wait(self._loops, num_returns=len(self._loops), timeout=0)
+            if done:
+                raise self.fail(RuntimeError("a worker's loop ended while the group was idle"))
+        if self.error is not None:
+            raise self.error
+
     def fail(self, cause: BaseException) -> ParallelGroupError:
         """Rank 0's side of a failed step: close the connections (live workers leave their collectives at
         once) and name what the workers reported."""
