@@ -25,6 +25,7 @@ ray = pytest.importorskip("ray")
 
 from services.gateway.config import load_config
 from services.gateway.proxy import HEADER_TIMEOUT_ENV, PROXY_CALLBACK, PROXY_CALLBACK_ENV
+from services.serve_metrics import PublishOptions
 
 # A hang guard only: on a starved machine Serve alone has taken minutes to come up.
 pytestmark = [pytest.mark.timeout(900), pytest.mark.filterwarnings("ignore::DeprecationWarning")]
@@ -156,15 +157,37 @@ def test_golden_with_16_requests_in_flight(client, golden):
 
 
 def test_metrics_after_a_known_workload(served, client):
-    before = httpx.get(served + "/metrics").text
+    # Replicas publish their numbers every period (services/serve_metrics.py), so a scrape may be a
+    # period old: "before" is a scrape that two publishes later still shows nothing running and the same
+    # count, and "after" one that shows this test's requests.
+    period = PublishOptions().period_s
+
+    def settled() -> str | None:
+        first = httpx.get(served + "/metrics").text
+        time.sleep(2 * period)
+        second = httpx.get(served + "/metrics").text
+        same = all(metric(first, name) == metric(second, name) for name in (
+            "grok_serve:prompt_tokens_total", "grok_serve:generation_tokens_total"))
+        return second if same and metric(second, "grok_serve:num_requests_running") == 0 else None
+
+    deadline = time.monotonic() + 300
+    while (before := settled()) is None:
+        assert time.monotonic() < deadline, "the metrics never settled"
     prompts = [[40, 41, 42], [50, 51, 52, 53]]
     for ids in prompts:
         client.completions.create(model="grok-test", prompt=ids, max_tokens=4, temperature=0,
                                   extra_body={"ignore_eos": True})
-    after = httpx.get(served + "/metrics").text
+    after = before
 
     def delta(name, **labels):
         return metric(after, name, **labels) - metric(before, name, **labels)
+
+    def published() -> bool:
+        nonlocal after
+        after = httpx.get(served + "/metrics").text
+        return delta("grok_serve:request_success_total", finished_reason="length") >= 2
+
+    assert wait_until(published, 120, 0.5)
 
     assert delta("grok_serve:request_success_total", finished_reason="length") == 2
     assert delta("grok_serve:prompt_tokens_total") == 7
@@ -185,7 +208,7 @@ def test_overload_gets_429_and_accepted_requests_complete(served):
     body = {"model": "grok-test", "prompt": [7, 8, 9], "max_tokens": 256 - 3, "temperature": 0, "ignore_eos": True}
 
     def send(_):
-        return httpx.post(served + "/v1/completions", json=body, timeout=120)
+        return httpx.post(served + "/v1/completions", json=body, timeout=900)  # queued behind 253-step runs
 
     with concurrent.futures.ThreadPoolExecutor(64) as pool:
         responses = list(pool.map(send, range(64)))
@@ -231,7 +254,7 @@ def test_killing_the_engine_replica_is_survived(served, client):
 
     reader = threading.Thread(target=stream)
     reader.start()
-    assert streaming.wait(60)
+    assert streaming.wait(300)
     names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if "GrokEngine" in a["name"]]
     assert len(names) == 1, names
     ray.kill(ray.get_actor(names[0], namespace="serve"), no_restart=True)
@@ -243,13 +266,13 @@ def test_killing_the_engine_replica_is_survived(served, client):
         seen.append((round(time.monotonic() - killed, 2), response.status_code))
         return response.status_code == 503 and response.json()["error"]["code"] == "engine_unavailable"
 
-    assert wait_until(health_fails, 60, 0.2), seen
-    assert wait_until(lambda: httpx.get(served + "/health", timeout=30).status_code == 200, 120, 1.0), \
+    assert wait_until(health_fails, 300, 0.2), seen
+    assert wait_until(lambda: httpx.get(served + "/health", timeout=30).status_code == 200, 600, 1.0), \
         "Serve did not restore the engine replica in time"
     out = client.completions.create(model="grok-test", prompt="back", max_tokens=3, temperature=0,
                                     extra_body={"ignore_eos": True})
     assert out.usage.completion_tokens == 3
-    reader.join(timeout=60)
+    reader.join(timeout=300)
     # The stream cut by the kill ends cleanly: an in-band error, then [DONE].
     assert events[-1] == "[DONE]"
     errors = [e for e in events if e.startswith('{"error"')]
