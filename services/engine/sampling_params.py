@@ -4,7 +4,8 @@ Semantics follow the OpenAI API and vLLM so clients and dashboards carry over un
 penalties act on generated tokens (presence, frequency) or on prompt and generated tokens
 (repetition), `logprobs=N` returns the sampled token's logprob plus the N most likely alternatives;
 `prompt_logprobs=N` does the same for every prompt token but the first (vLLM's field; OpenAI's
-completions `echo` + `logprobs` is built on it).
+completions `echo` + `logprobs` is built on it). `structured_output` constrains the output to a JSON
+schema, regex, choice list or grammar (services/engine/structured_output.py).
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 from typing import NoReturn
 
 from services.engine.api import MAX_LOGPROBS, Rejection, RequestRejected
+from services.engine.structured_output import StructuredOutput
 
 # Below this a temperature is treated as greedy: dividing logits by it would only amplify noise.
 GREEDY_TEMPERATURE = 1e-5
@@ -76,6 +78,7 @@ class SamplingParams:
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
+    structured_output: StructuredOutput | None = None
 
     def __post_init__(self) -> None:
         _check_int("n", self.n, f"[1, {MAX_N}]", lambda v: 1 <= v <= MAX_N)
@@ -102,6 +105,19 @@ class SamplingParams:
                 _check_int(name, getattr(self, name), f"[0, {MAX_LOGPROBS}] or None",
                            lambda v: 0 <= v <= MAX_LOGPROBS)
         _check_bool("skip_special_tokens", self.skip_special_tokens)
+        self._check_structured_output()
+
+    def _check_structured_output(self) -> None:
+        constraint = self.structured_output
+        if constraint is None:
+            return
+        if not isinstance(constraint, StructuredOutput):
+            _reject("structured_output", "a StructuredOutput or None", constraint)
+        if self.min_tokens:
+            # The grammar decides where the output ends; holding back eos could leave no token allowed.
+            raise RequestRejected(Rejection(
+                f"min_tokens cannot be combined with {constraint.param}: the constraint decides where "
+                f"the output ends", param="min_tokens"))
 
     def _normalise_stop(self) -> None:
         stop = self.stop
