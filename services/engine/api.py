@@ -177,6 +177,9 @@ def check_limits(limits: RequestLimits, *, stop: Seq[str] = (), num_prompts: int
     if messages > limits.max_messages:
         return _over(names.get("messages", "messages"), "the number of messages is", messages,
                      limits.max_messages, "max_messages")
+    if structured_output is not None and structured_output[1] > limits.max_structured_output_chars:
+        return _over(structured_output[0], "the constraint's length in characters is", structured_output[1],
+                     limits.max_structured_output_chars, "max_structured_output_chars")
     return None
 
 

@@ -33,6 +33,7 @@ from services.engine.api import (
     check_token_ids,
     completion_budget,
 )
+from services.engine.structured_output import StructuredOutput
 from services.gateway import protocol as p
 from services.gateway.auth import ApiKeyMiddleware, BodyLimitMiddleware
 from services.gateway.context import GatewayContext, GenerationJob, build_context
@@ -49,6 +50,7 @@ from services.gateway.generation import (
 )
 from services.gateway.metrics import HttpMetricsMiddleware
 from services.gateway.proxy import sanitized_request_id
+from services.gateway.structured_outputs import request_constraint
 
 __all__ = ["GatewayContext", "build_context", "create_app", "router"]
 
@@ -104,12 +106,14 @@ def _admit(ctx: GatewayContext, ids: list[int], max_tokens: int | None, param: s
 
 def _check_limits(ctx: GatewayContext, body: p.SamplingFields, *, num_prompts: int = 1,
                   logprobs: int | None = None, messages: int = 0,
-                  names: Mapping[str, str] | None = None) -> None:
+                  names: Mapping[str, str] | None = None,
+                  constraint: StructuredOutput | None = None) -> None:
     """The per-request caps (services.engine.api.RequestLimits), before any prompt is tokenized."""
     stop = body.stop if body.stop is not None else ()
     rejection = check_limits(ctx.config.limits, stop=(stop,) if isinstance(stop, str) else stop,
                              num_prompts=num_prompts, n=body.n, logprobs=logprobs,
                              logit_bias=len(body.logit_bias or {}), messages=messages,
+                             structured_output=None if constraint is None else (constraint.param, constraint.size),
                              names=dict(names or {}))
     if rejection is not None:
         raise RequestRejected(rejection)
@@ -170,8 +174,9 @@ def _chat_job(ctx: GatewayContext, body: p.ChatCompletionRequest,
     """The chat request as one engine request, and the engine's parameter names as this request
     spells them."""
     try:
+        constraint = request_constraint(body)
         _check_limits(ctx, body, logprobs=body.top_logprobs, messages=len(body.messages),
-                      names={"logprobs": "top_logprobs"})
+                      names={"logprobs": "top_logprobs"}, constraint=constraint)
     except ValueError as exc:
         raise gateway_error(ctx, exc) from None
     _reject_unsupported(body)
@@ -185,7 +190,7 @@ def _chat_job(ctx: GatewayContext, body: p.ChatCompletionRequest,
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     try:
         max_tokens = _admit(ctx, ids, getattr(body, completion_field), "messages")
-        params = body.sampling_params(max_tokens, logprobs, ctx.template.stop)
+        params = body.sampling_params(max_tokens, logprobs, ctx.template.stop, structured_output=constraint)
     except ValueError as exc:
         raise gateway_error(ctx, exc, rename) from None
     return GenerationJob(0, ids, None, params, _engine_id(request_id, 0)), rename
@@ -195,7 +200,9 @@ def _chat_job(ctx: GatewayContext, body: p.ChatCompletionRequest,
 def _completion_jobs(ctx: GatewayContext, body: p.CompletionRequest, request_id: str) -> list[GenerationJob]:
     """One engine request per prompt."""
     try:
-        _check_limits(ctx, body, num_prompts=_num_prompts(body.prompt), logprobs=body.logprobs)
+        constraint = request_constraint(body)
+        _check_limits(ctx, body, num_prompts=_num_prompts(body.prompt), logprobs=body.logprobs,
+                      constraint=constraint)
     except ValueError as exc:
         raise gateway_error(ctx, exc) from None
     _reject_unsupported(body)
@@ -210,7 +217,7 @@ def _completion_jobs(ctx: GatewayContext, body: p.CompletionRequest, request_id:
     try:
         for i, (ids, text) in enumerate(_completion_prompts(ctx, body.prompt)):
             params = body.sampling_params(_admit(ctx, ids, body.max_tokens, "prompt"), body.logprobs,
-                                          prompt_logprobs=prompt_logprobs)
+                                          prompt_logprobs=prompt_logprobs, structured_output=constraint)
             jobs.append(GenerationJob(i * body.n, ids, text, params, _engine_id(request_id, i)))
     except ValueError as exc:
         raise gateway_error(ctx, exc) from None

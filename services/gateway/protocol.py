@@ -7,7 +7,10 @@ Extensions beyond OpenAI follow vLLM's names: top_k, min_p, repetition_penalty, 
 stop_token_ids, ignore_eos, skip_special_tokens, `return_token_ids` (each choice then carries the
 generated `token_ids`, since text does not map back to ids one to one) and `prompt_logprobs` (per prompt
 token, None for the first: `{token id: {logprob, rank, decoded_token}}` for the prompt token and the N
-most likely ones, on each completions choice and on the chat response).
+most likely ones, on each completions choice and on the chat response). Structured outputs take OpenAI's
+`response_format` and vLLM's `guided_json` / `guided_regex` / `guided_choice` / `guided_grammar` and
+`structured_outputs` (services/gateway/structured_outputs.py); tools follow OpenAI's shape
+(services/gateway/tool_calls.py).
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from services.engine.sampling_params import SamplingParams
+from services.engine.structured_output import StructuredOutput
 
 _OMIT_NONE = {"exclude_if": lambda value: value is None}
 
@@ -31,6 +35,30 @@ class _Response(BaseModel):
 
 class StreamOptions(_Request):
     include_usage: bool = False
+
+
+class JsonSchemaFormat(_Request):
+    model_config = ConfigDict(strict=True, extra="ignore", populate_by_name=True)
+    name: str
+    description: str | None = None
+    # "schema" would shadow a BaseModel attribute.
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Request):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputsField(_Request):
+    """vLLM's `structured_outputs` request field (its newer spelling of the guided_* fields)."""
+
+    json_: dict[str, Any] | bool | str | None = Field(default=None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
 
 
 class SamplingFields(_Request):
@@ -57,9 +85,16 @@ class SamplingFields(_Request):
     user: str | None = None
     return_token_ids: bool = False
     prompt_logprobs: int | None = None
+    response_format: ResponseFormat | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    structured_outputs: StructuredOutputsField | None = None
 
     def sampling_params(self, max_tokens: int, logprobs: int | None, extra_stop: tuple[str, ...] = (),
-                        prompt_logprobs: int | None = None) -> SamplingParams:
+                        prompt_logprobs: int | None = None,
+                        structured_output: StructuredOutput | None = None) -> SamplingParams:
         """Raises RequestRejected naming the engine parameter (services/engine/api.py)."""
         stop = self.stop if self.stop is not None else ()
         stop = (stop,) if isinstance(stop, str) else tuple(stop)
@@ -70,7 +105,8 @@ class SamplingFields(_Request):
             n=self.n, seed=self.seed, max_tokens=max_tokens, stop=(*stop, *extra_stop),
             stop_token_ids=tuple(self.stop_token_ids or ()), ignore_eos=self.ignore_eos,
             logprobs=logprobs, skip_special_tokens=self.skip_special_tokens,
-            prompt_logprobs=self.prompt_logprobs if prompt_logprobs is None else prompt_logprobs, **given)
+            prompt_logprobs=self.prompt_logprobs if prompt_logprobs is None else prompt_logprobs,
+            structured_output=structured_output, **given)
 
     @property
     def include_usage(self) -> bool:
@@ -95,17 +131,12 @@ class ChatMessage(_Request):
         return {"role": role, "content": content}
 
 
-class ResponseFormat(_Request):
-    type: Literal["text"]
-
-
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage]
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
-    response_format: ResponseFormat | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     add_generation_prompt: bool = True
