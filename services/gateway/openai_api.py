@@ -27,6 +27,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from services.engine.api import (
     EngineDeadError,
     EngineUnavailableError,
+    Rejection,
     RequestRejected,
     admit,
     check_limits,
@@ -51,6 +52,7 @@ from services.gateway.generation import (
 from services.gateway.metrics import HttpMetricsMiddleware
 from services.gateway.proxy import sanitized_request_id
 from services.gateway.structured_outputs import request_constraint
+from services.gateway.tool_calls import CLOSE, tool_use
 
 __all__ = ["GatewayContext", "build_context", "create_app", "router"]
 
@@ -133,9 +135,10 @@ def _reject_unsupported(req: p.SamplingFields) -> None:
 
 
 
-def _render_chat(ctx: GatewayContext, messages: list[p.ChatMessage], add_generation_prompt: bool) -> str:
+def _render_chat(ctx: GatewayContext, messages: list[p.ChatMessage], add_generation_prompt: bool,
+                 tools: list[dict] | None = None) -> str:
     try:
-        return ctx.template.render([m.for_template() for m in messages], add_generation_prompt)
+        return ctx.template.render([m.for_template() for m in messages], add_generation_prompt, tools)
     except ValueError as exc:
         raise BadRequestError(str(exc), param="messages") from None
 
@@ -175,22 +178,30 @@ def _chat_job(ctx: GatewayContext, body: p.ChatCompletionRequest,
     spells them."""
     try:
         constraint = request_constraint(body)
+        tools = tool_use(body)
+        if tools is not None and tools.constraint is not None:
+            if constraint is not None:
+                raise RequestRejected(Rejection(f"tool_choice {tools.mode!r} constrains the output, so it "
+                                                f"cannot be combined with {constraint.param}", "tool_choice"))
+            constraint = tools.constraint
         _check_limits(ctx, body, logprobs=body.top_logprobs, messages=len(body.messages),
                       names={"logprobs": "top_logprobs"}, constraint=constraint)
     except ValueError as exc:
         raise gateway_error(ctx, exc) from None
     _reject_unsupported(body)
-    if body.tools:
-        raise BadRequestError("tools are not supported", param="tools")
     if body.top_logprobs is not None and not body.logprobs:
         raise BadRequestError("top_logprobs requires logprobs: true", param="top_logprobs")
     completion_field = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     rename = {"logprobs": "top_logprobs", "max_tokens": completion_field}
-    ids = _encode(ctx, _render_chat(ctx, body.messages, body.add_generation_prompt), "messages")
+    prompt = _render_chat(ctx, body.messages, body.add_generation_prompt,
+                          None if tools is None else tools.template_tools())
+    ids = _encode(ctx, prompt, "messages")
+    # An unconstrained call ends the answer: what follows it would be the model inventing the result.
+    extra_stop = (*ctx.template.stop, *((CLOSE,) if tools is not None and tools.mode == "auto" else ()))
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     try:
         max_tokens = _admit(ctx, ids, getattr(body, completion_field), "messages")
-        params = body.sampling_params(max_tokens, logprobs, ctx.template.stop, structured_output=constraint)
+        params = body.sampling_params(max_tokens, logprobs, extra_stop, structured_output=constraint)
     except ValueError as exc:
         raise gateway_error(ctx, exc, rename) from None
     return GenerationJob(0, ids, None, params, _engine_id(request_id, 0)), rename

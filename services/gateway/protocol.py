@@ -118,17 +118,61 @@ class TextPart(_Request):
     text: str
 
 
+class FunctionCallIn(_Request):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCallIn(_Request):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallIn
+
+
 class ChatMessage(_Request):
     model_config = ConfigDict(strict=True, extra="allow")
     # "developer" is OpenAI's newer name for the system role.
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    # None only for an assistant message that carries tool_calls (the template says so otherwise).
+    content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallIn] | None = None
+    tool_call_id: str | None = None
 
     def for_template(self) -> dict[str, Any]:
-        content = self.content if isinstance(self.content, str) else [p.model_dump() for p in self.content]
         role = "system" if self.role == "developer" else self.role
-        return {"role": role, "content": content}
+        message: dict[str, Any] = {"role": role}
+        if self.content is not None:
+            message["content"] = (self.content if isinstance(self.content, str)
+                                  else [p.model_dump() for p in self.content])
+        elif self.tool_calls and role == "assistant":
+            message["content"] = ""
+        if self.tool_calls:
+            message["tool_calls"] = [c.model_dump() for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        return message
+
+
+class FunctionDefinition(_Request):
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolDefinition(_Request):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Request):
+    name: str
+
+
+class NamedToolChoice(_Request):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -137,8 +181,9 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
+    tools: list[ToolDefinition] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
     add_generation_prompt: bool = True
 
 
@@ -229,9 +274,21 @@ class ChatLogprobs(_Response):
     content: list[ChatTokenLogprob] | None = None
 
 
+class FunctionCall(_Response):
+    name: str
+    arguments: str
+
+
+class ToolCall(_Response):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class AssistantMessage(_Response):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] = Field(default_factory=list)
 
 
 class ChatChoice(_Response):
@@ -254,9 +311,22 @@ class ChatCompletionResponse(_Response):
     prompt_logprobs: PromptLogprobs | None = Field(default=None, **_OMIT_NONE)
 
 
+class DeltaFunctionCall(_Response):
+    name: str | None = Field(default=None, **_OMIT_NONE)
+    arguments: str | None = Field(default=None, **_OMIT_NONE)
+
+
+class DeltaToolCall(_Response):
+    index: int
+    id: str | None = Field(default=None, **_OMIT_NONE)
+    type: Literal["function"] | None = Field(default=None, **_OMIT_NONE)
+    function: DeltaFunctionCall
+
+
 class DeltaMessage(_Response):
     role: str | None = Field(default=None, **_OMIT_NONE)
     content: str | None = Field(default=None, **_OMIT_NONE)
+    tool_calls: list[DeltaToolCall] | None = Field(default=None, **_OMIT_NONE)
 
 
 class ChatStreamChoice(_Response):
