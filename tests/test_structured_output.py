@@ -8,10 +8,14 @@ import re
 
 import jsonschema
 import pytest
+import torch
 
 from services.engine import LLM, SamplingParams
 from services.engine.api import RequestRejected
-from services.engine.structured_output import GrammarCompiler, StructuredOutput
+from services.engine.sampler import GrammarMasks, apply_token_bitmask
+from services.engine.structured_output import GrammarCompiler, StructuredOutput, _Vocabulary
+from services.model.tokenizer import SentencePieceTokenizer
+from tests.conftest import REFERENCE
 
 NAME = {"type": "string", "maxLength": 6}
 SCHEMAS = [
@@ -123,3 +127,34 @@ def test_compilations_are_cached_and_the_cache_is_bounded(llm):
     compiler.compile(specs[2])  # evicts specs[0]
     compiler.compile(specs[0])
     assert compiler.compilations == 4
+
+
+def test_the_grok1_sentencepiece_vocabulary_constrains_real_tokens():
+    """The released tokenizer: "▁" pieces are spaces, byte-fallback pieces their byte, control ids never
+    allowed, and text the grammar forces is spelled without SentencePiece's dummy prefix."""
+    path = REFERENCE / "tokenizer.model"
+    if not path.is_file():
+        pytest.skip(f"the Grok-1 tokenizer is not at {path}")
+    tokenizer = SentencePieceTokenizer(path)
+    vocab = tokenizer.vocab_size
+    compiler = GrammarCompiler(tokenizer, vocab)
+    for text in ('{"a":1}', "x y", "ü{"):
+        assert tokenizer.decode(_Vocabulary(tokenizer, vocab)(text.encode())) == text
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 8},
+                                               "n": {"type": "integer", "minimum": -50, "maximum": 50},
+                                               "e": {"enum": ["x y", "ü"]}},
+              "required": ["name", "n", "e"], "additionalProperties": False}
+    masks = GrammarMasks()
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        matcher = compiler.compile(StructuredOutput.json_schema(schema))
+        ids: list[int] = []
+        while not matcher.is_stopped() and len(ids) < 200:
+            logits = torch.randn(1, vocab, generator=generator)
+            logits = apply_token_bitmask(logits, torch.tensor([0]), masks([matcher], vocab))
+            token = int(logits.argmax())
+            assert matcher.consume_token(token) and not tokenizer.is_control(token) or token == tokenizer.eos_id
+            if token == tokenizer.eos_id:
+                break
+            ids.append(token)
+        jsonschema.validate(json.loads(tokenizer.decode(ids)), schema)

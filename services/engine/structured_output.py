@@ -119,9 +119,34 @@ class _Vocabulary:
                 self.tokens.append(b"\xff<special_%d>" % token_id)
             else:
                 self.tokens.append(tokenizer.token_bytes(token_id))
+        self._ids_by_bytes: dict[bytes, int] | None = None
 
     def __call__(self, text: bytes) -> list[int]:
-        return self._tokenizer.encode(text.decode("utf-8", errors="replace"))
+        """Ids whose bytes are exactly `text`. llguidance tokenizes the text a grammar forces and masks
+        by those ids, so SentencePiece's dummy prefix (an "▁" it puts in front of every text, even one
+        that starts with a space) must go: the first piece loses its space, spelled anew."""
+        ids = self._tokenizer.encode(text.decode("utf-8", errors="replace"))
+        if ids and self._bytes(ids[:1]).startswith(b" ") and self._bytes(ids) == b" " + text:
+            ids = [*self._spell(self._bytes(ids[:1])[1:]), *ids[1:]]
+        # Text that is not valid UTF-8 (a character cut by the grammar's forced bytes) goes byte by byte.
+        return ids if self._bytes(ids) == text else self._spell(text, whole=False)
+
+    def _bytes(self, ids: list[int]) -> bytes:
+        return b"".join(self.tokens[i] for i in ids)
+
+    def _spell(self, data: bytes, whole: bool = True) -> list[int]:
+        """`data` as one piece if the vocabulary has it (and `whole`), else byte by byte
+        (SentencePiece's byte-fallback pieces, or the byte tokenizer's bytes)."""
+        if self._ids_by_bytes is None:
+            self._ids_by_bytes = {}
+            for token_id, token in enumerate(self.tokens):
+                if token and not token.startswith(b"\xff"):
+                    self._ids_by_bytes.setdefault(token, token_id)
+        if not data:
+            return []
+        if whole and data in self._ids_by_bytes:
+            return [self._ids_by_bytes[data]]
+        return [self._ids_by_bytes[data[i:i + 1]] for i in range(len(data))]
 
 
 class GrammarCompiler:
