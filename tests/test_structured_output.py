@@ -158,3 +158,17 @@ def test_the_grok1_sentencepiece_vocabulary_constrains_real_tokens():
                 break
             ids.append(token)
         jsonschema.validate(json.loads(tokenizer.decode(ids)), schema)
+
+
+def test_constraints_survive_preemption():
+    """Too few KV blocks for all four: sequences are preempted and recomputed; each matcher keeps its
+    place because the tokens it consumed are kept."""
+    llm = LLM("tiny", seed=0, num_kv_blocks=12, block_size=16, max_model_len=192)
+    schema = SCHEMAS[3]
+    params = [SamplingParams(max_tokens=150, seed=seed, structured_output=StructuredOutput.json_schema(schema))
+              for seed in range(4)]
+    outs = llm.generate([[5 + i] * 30 for i in range(4)], params)
+    assert llm.engine.stats.preemptions > 0
+    for out in outs:
+        assert out.outputs[0].finish_reason == "stop"
+        jsonschema.validate(json.loads(out.outputs[0].text), schema)
