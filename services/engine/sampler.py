@@ -100,7 +100,8 @@ def apply_token_bitmask(logits: torch.Tensor, rows: torch.Tensor, bitmask: torch
     shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)  # [32]
     vocab = logits.shape[1]
     allowed = ((bitmask[:, :, None] >> shifts) & 1).reshape(bitmask.shape[0], -1)[:, :vocab]  # [C, V]
-    masked = logits[rows].masked_fill(allowed.to(logits.device) == 0, float("-inf"))  # [C, V]
+    # index_select, not logits[rows]: advanced indexing costs milliseconds on CPU here.
+    masked = logits.index_select(0, rows).masked_fill(allowed.to(logits.device) == 0, float("-inf"))  # [C, V]
     return logits.index_copy(0, rows, masked)
 
 
