@@ -172,3 +172,16 @@ def test_constraints_survive_preemption():
     for out in outs:
         assert out.outputs[0].finish_reason == "stop"
         jsonschema.validate(json.loads(out.outputs[0].text), schema)
+
+
+def test_a_bitmask_masks_exactly_the_disallowed_tokens_of_the_constrained_rows():
+    vocab = 70  # not a multiple of 32: the last word is partly padding
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, vocab, generator=generator)
+    bitmask = torch.randint(-2**31, 2**31 - 1, (2, 3), dtype=torch.int32, generator=generator)
+    out = apply_token_bitmask(logits, torch.tensor([1, 3]), bitmask)
+    for j, row in enumerate((1, 3)):
+        for token in range(vocab):
+            allowed = (int(bitmask[j, token // 32]) >> (token % 32)) & 1
+            assert out[row, token] == (logits[row, token] if allowed else float("-inf"))
+    assert torch.equal(out[[0, 2]], logits[[0, 2]])

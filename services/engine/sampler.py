@@ -110,15 +110,21 @@ def prompt_logprobs(logits: torch.Tensor, targets: Seq[int], top_n: int) -> list
     return [PromptLogprob(lp, rank, t) for lp, rank, t in zip(chosen[:, 0].tolist(), ranks, top)]
 
 
+_BITS = torch.tensor([1 << i for i in range(8)], dtype=torch.uint8)
+
+
 def apply_token_bitmask(logits: torch.Tensor, rows: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
-    """logits [B, V]; rows [C] the constrained rows; bitmask [C, ceil(V / 32)] int32, bit j of word w
-    set when token 32 w + j is allowed. Returns logits with the disallowed tokens of those rows at -inf."""
-    shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)  # [32]
-    vocab = logits.shape[1]
-    allowed = ((bitmask[:, :, None] >> shifts) & 1).reshape(bitmask.shape[0], -1)[:, :vocab]  # [C, V]
-    # index_select, not logits[rows]: advanced indexing costs milliseconds on CPU here.
-    masked = logits.index_select(0, rows).masked_fill(allowed.to(logits.device) == 0, float("-inf"))  # [C, V]
-    return logits.index_copy(0, rows, masked)
+    """logits [B, V]; rows [C] the constrained rows; bitmask [C, ceil(V / 32)] int32 (CPU), bit j of
+    word w set when token 32 w + j is allowed. Returns logits with the disallowed tokens of those rows
+    at -inf, in one masked_fill over the batch (unconstrained rows get an all-ones mask): selecting
+    rows of [B, V] with index_select or advanced indexing costs far more on CPU than the mask."""
+    batch, vocab = logits.shape
+    words = torch.full((batch, bitmask.shape[1]), -1, dtype=torch.int32)
+    words.index_copy_(0, rows.cpu(), bitmask)
+    # Little-endian words: byte k of word w holds tokens 32 w + 8 k .. 32 w + 8 k + 7, lowest bit first.
+    octets = words.to(logits.device).view(torch.uint8)  # [B, 4 W]
+    allowed = (octets[:, :, None] & _BITS.to(logits.device)).ne(0).reshape(batch, -1)[:, :vocab]  # [B, V]
+    return logits.masked_fill(~allowed, float("-inf"))
 
 
 class GrammarMasks:
@@ -220,7 +226,7 @@ class Sampler:
         constrained = [i for i, g in enumerate(grammars or ()) if g is not None]
         if constrained:
             bitmask = self._grammar_masks([grammars[i] for i in constrained], logits.shape[1])
-            rows = torch.tensor(constrained, dtype=torch.int64, device=device)
+            rows = torch.tensor(constrained, dtype=torch.int64)
             logits = apply_token_bitmask(logits, rows, bitmask)
         if any(p.has_penalties for p in params):
             # Rows without penalties contribute empty histories, so they cost no padding.
