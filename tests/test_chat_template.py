@@ -48,7 +48,7 @@ def test_default_stop_strings_end_the_reply() -> None:
 @pytest.mark.parametrize(("messages", "match"), [
     ([], "empty"),
     ("User: hi", "list"),
-    ([{"role": "tool", "content": "x"}], "unknown role 'tool'"),
+    ([{"role": "function", "content": "x"}], "unknown role 'function'"),
     ([{"content": "x"}], "unknown role None"),
     ([{"role": "user"}], "no content"),
     ([{"role": "user", "content": None}], "string or a list"),

@@ -129,10 +129,13 @@ class RequestLimits:
     max_logprobs: int = 20  # logprobs / top_logprobs
     max_logit_bias: int = 300  # entries of logit_bias (OpenAI's own limit)
     max_messages: int = 1024  # chat messages
+    # Characters of a structured-output constraint (JSON schema, regex, choices, grammar) or of the
+    # tool definitions that become one: compilation time grows with it.
+    max_structured_output_chars: int = 65536
 
     def __post_init__(self) -> None:
         for name in ("max_stop_strings", "max_stop_chars", "max_sequences", "max_logit_bias",
-                     "max_messages"):
+                     "max_messages", "max_structured_output_chars"):
             positive_int("limits", name, getattr(self, name))
         value = self.max_logprobs
         if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_LOGPROBS:
@@ -146,10 +149,12 @@ def _over(param: str, what: str, count: int, limit: int, name: str) -> Rejection
 
 def check_limits(limits: RequestLimits, *, stop: Seq[str] = (), num_prompts: int = 1, n: int = 1,
                  logprobs: int | None = None, logit_bias: int = 0, messages: int = 0,
+                 structured_output: tuple[str, int] | None = None,
                  names: dict[str, str] | None = None) -> Rejection | None:
     """None when the request is within `limits`, else the first limit it exceeds. Only counts are
     looked at, so this is cheap even for a request built to be expensive. `names` maps the parameters
-    checked (stop, n, prompt, logprobs, logit_bias, messages) to the request's own field names."""
+    checked (stop, n, prompt, logprobs, logit_bias, messages) to the request's own field names.
+    `structured_output` is (the field that carries it, its size in characters)."""
     names = names or {}
     stop_param = names.get("stop", "stop")
     if len(stop) > limits.max_stop_strings:
@@ -172,6 +177,9 @@ def check_limits(limits: RequestLimits, *, stop: Seq[str] = (), num_prompts: int
     if messages > limits.max_messages:
         return _over(names.get("messages", "messages"), "the number of messages is", messages,
                      limits.max_messages, "max_messages")
+    if structured_output is not None and structured_output[1] > limits.max_structured_output_chars:
+        return _over(structured_output[0], "the constraint's length in characters is", structured_output[1],
+                     limits.max_structured_output_chars, "max_structured_output_chars")
     return None
 
 

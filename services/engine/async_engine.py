@@ -57,9 +57,15 @@ class AsyncEngine:
         self.engine.validate(prompt_ids, params)
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
+        # Compiled here, in a worker thread: a slow grammar delays only its own request, a bad one is
+        # rejected before anything is queued.
+        grammar = (None if params.structured_output is None
+                   else await asyncio.to_thread(self.engine.compile_grammar, params))
+        if request_id in self._streams:
+            raise ValueError(f"request id {request_id!r} is already in use")
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = stream
-        self._commands.append(("add", request_id, list(prompt_ids), params))
+        self._commands.append(("add", request_id, list(prompt_ids), params, grammar))
         self._wake.set()
         finished = False
         try:
@@ -91,9 +97,9 @@ class AsyncEngine:
         while self._commands:
             command = self._commands.popleft()
             if command[0] == "add":
-                _, request_id, prompt_ids, params = command
+                _, request_id, prompt_ids, params, grammar = command
                 try:
-                    self.engine.add_request(request_id, prompt_ids, params)
+                    self.engine.add_request(request_id, prompt_ids, params, grammar=grammar)
                 except ValueError as exc:
                     rejected.append((request_id, exc))
             else:

@@ -49,19 +49,32 @@ def cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
-def run_ours(model: str, dtype: str, workload: Workload, **engine_options) -> dict:
-    llm = LLM(model, dtype=dtype, **engine_options)
-    prompts = workload.prompts(llm.engine.model.config.vocab_size)
-    params = SamplingParams(temperature=0, max_tokens=workload.output_len, ignore_eos=True)
-    llm.generate(prompts[:2], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))  # warm-up
+@dataclass(frozen=True)
+class TimedRun:
+    outputs: list
+    elapsed_s: float
+    steps: int
+    overhead_s: float  # step time outside the model's forward passes (scheduling, sampling, text)
+
+
+def timed_generate(llm: LLM, prompts, params) -> TimedRun:
     stats = llm.engine.stats
     steps0, fwd0, step0 = stats.steps, stats.forward_s_total, stats.step_s_total
     started = time.perf_counter()
     outs = llm.generate(prompts, params)
     elapsed = time.perf_counter() - started
-    generated = sum(len(o.outputs[0].token_ids) for o in outs)
-    steps = stats.steps - steps0
     overhead = (stats.step_s_total - step0) - (stats.forward_s_total - fwd0)
+    return TimedRun(outs, elapsed, stats.steps - steps0, overhead)
+
+
+def run_ours(model: str, dtype: str, workload: Workload, **engine_options) -> dict:
+    llm = LLM(model, dtype=dtype, **engine_options)
+    prompts = workload.prompts(llm.engine.model.config.vocab_size)
+    params = SamplingParams(temperature=0, max_tokens=workload.output_len, ignore_eos=True)
+    llm.generate(prompts[:2], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))  # warm-up
+    run = timed_generate(llm, prompts, params)
+    outs, elapsed, steps, overhead = run.outputs, run.elapsed_s, run.steps, run.overhead_s
+    generated = sum(len(o.outputs[0].token_ids) for o in outs)
     return {
         "engine": "grok-serve", "model": model, "dtype": dtype, **asdict(workload),
         "generated_tokens": generated, "elapsed_s": round(elapsed, 3),

@@ -20,6 +20,7 @@ from services.engine.sampling_params import SamplingParams
 from services.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from services.engine.sequence import Sequence
 from services.engine.stats import EngineStats
+from services.engine.structured_output import GrammarCompiler
 from services.engine.text_stream import TextStream
 from services.model.checkpoint import load_model
 from services.model.grok1 import Grok1
@@ -65,6 +66,7 @@ class LLMEngine:
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
                                                    self.max_model_len, config.max_overtakes), self.block_manager)
         self.sampler = Sampler(seed=config.seed)
+        self.grammars = GrammarCompiler(self.tokenizer, mc.vocab_size)
         self.stats = EngineStats(mc.num_layers, mc.num_experts)
         self.runner = self._make_runner(num_blocks)
         self._requests: dict[str, _Request] = {}
@@ -111,17 +113,29 @@ class LLMEngine:
         if rejection is not None:
             raise RequestRejected(rejection)
 
+    def compile_grammar(self, params: SamplingParams):
+        """The structured-output matcher for `params` (None when unconstrained); RequestRejected when
+        the constraint cannot be compiled. Thread-safe: front ends call it at admission, off the loop."""
+        if params.structured_output is None:
+            return None
+        return self.grammars.compile(params.structured_output)
+
     def add_request(self, request_id: str, prompt_token_ids: Seq[int], params: SamplingParams,
-                    arrival_time: float | None = None) -> None:
+                    arrival_time: float | None = None, grammar=None) -> None:
+        """`grammar`: the matcher compile_grammar returned for these params, compiled here if None."""
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         self.validate(prompt_token_ids, params)
+        if grammar is None:
+            grammar = self.compile_grammar(params)
         prompt = [int(t) for t in prompt_token_ids]
         arrival = time.monotonic() if arrival_time is None else arrival_time
         seqs, texts = [], []
         for index in range(params.n):
             seq = Sequence(next(self._seq_ids), request_id, prompt, params, index=index,
                            eos_token_id=self.model.config.eos_token_id, arrival_time=arrival)
+            if grammar is not None:
+                seq.grammar = grammar if index == 0 else grammar.deep_copy()
             seqs.append(seq)
             detokenizer = IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens, prompt_ids=prompt)
             texts.append(_SeqText(TextStream(detokenizer, params.stop)))
@@ -168,10 +182,27 @@ class LLMEngine:
             logits = logits[:len(seqs)]
         sampled = self.sampler.sample_sequences(logits, seqs)
         want_logprobs = any(s.sampling_params.logprobs is not None for s in seqs)
+        constrained = [(s, s.num_output_tokens) for s in seqs if s.grammar is not None]
         self.scheduler.update(scheduled, sampled.token_ids,
                               sampled.logprobs if want_logprobs else None,
                               sampled.top_logprobs if want_logprobs else None)
+        for seq, before in constrained:
+            self._advance_grammar(seq, before)
         return {s.request_id for s in seqs}
+
+    def _advance_grammar(self, seq: Sequence, outputs_before: int) -> None:
+        """Feed the token just appended (if any: a sequence aborted during the step gets none) to the
+        sequence's matcher, and end the sequence once the grammar is complete."""
+        if seq.num_output_tokens == outputs_before:
+            return
+        matcher = seq.grammar
+        ok = matcher.consume_token(seq.last_token_id)
+        if seq.is_finished:
+            return
+        # Not ok only if a token outside the mask was sampled, which the mask rules out; ending the
+        # sequence there keeps a broken matcher from masking every token afterwards.
+        if not ok or matcher.is_stopped():
+            self.scheduler.finish(seq.seq_id, "stop")
 
     @staticmethod
     def _record_prompt_logprobs(rows, logits: torch.Tensor) -> None:

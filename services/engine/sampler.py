@@ -6,6 +6,9 @@ Order of operations for each row (the vLLM / OpenAI semantics):
   2. min_tokens: eos (unless ignore_eos) and stop_token_ids are masked while too few tokens exist.
   2b. logit_bias: each listed token's bias is added to its logit (vLLM applies it at this point too),
      so it steers greedy picks and sampling alike, but not the reported logprobs (step 1).
+  2c. structured outputs: each constrained row's grammar matcher fills a token bitmask, and the masks
+     of all constrained rows are applied to the logits in one step (unconstrained batches skip this);
+     after the bias, so no bias can make a token the grammar forbids possible.
   3. penalties: repetition (prompt + output tokens: positive logits divided by it, negative ones
      multiplied), then frequency (minus f * count) and presence (minus p if present) over output tokens.
   4. greedy rows (temperature ~ 0) take the argmax here (ties -> lowest token id).
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -106,6 +110,42 @@ def prompt_logprobs(logits: torch.Tensor, targets: Seq[int], top_n: int) -> list
     return [PromptLogprob(lp, rank, t) for lp, rank, t in zip(chosen[:, 0].tolist(), ranks, top)]
 
 
+_BITS = torch.tensor([1 << i for i in range(8)], dtype=torch.uint8)
+
+
+def apply_token_bitmask(logits: torch.Tensor, rows: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
+    """logits [B, V]; rows [C] the constrained rows; bitmask [C, ceil(V / 32)] int32 (CPU), bit j of
+    word w set when token 32 w + j is allowed. Returns logits with the disallowed tokens of those rows
+    at -inf, in one masked_fill over the batch (unconstrained rows get an all-ones mask): selecting
+    rows of [B, V] with index_select or advanced indexing costs far more on CPU than the mask."""
+    batch, vocab = logits.shape
+    words = torch.full((batch, bitmask.shape[1]), -1, dtype=torch.int32)
+    words.index_copy_(0, rows.cpu(), bitmask)
+    # Little-endian words: byte k of word w holds tokens 32 w + 8 k .. 32 w + 8 k + 7, lowest bit first.
+    octets = words.to(logits.device).view(torch.uint8)  # [B, 4 W]
+    allowed = (octets[:, :, None] & _BITS.to(logits.device)).ne(0).reshape(batch, -1)[:, :vocab]  # [B, V]
+    return logits.masked_fill(~allowed, float("-inf"))
+
+
+class GrammarMasks:
+    """Fills the token bitmasks of many grammar matchers at once, on llguidance's own thread pool."""
+
+    def __init__(self) -> None:
+        self._executor = None
+
+    def __call__(self, matchers: Seq[Any], vocab_size: int) -> torch.Tensor:
+        """[len(matchers), ceil(vocab_size / 32)] int32 bitmask, row i for matchers[i]."""
+        if self._executor is None:
+            from llguidance import LLExecutor
+
+            self._executor = LLExecutor()
+        words = (vocab_size + 31) // 32
+        bitmask = torch.zeros(len(matchers), words, dtype=torch.int32)
+        self._executor.unsafe_compute_mask_ptr([(m, i) for i, m in enumerate(matchers)],
+                                               bitmask.data_ptr(), words * 4, len(matchers))
+        return bitmask
+
+
 def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
                   min_p: torch.Tensor) -> torch.Tensor:
     """Mask (to -inf) what top-k, top-p and min-p exclude. logits [B, V] (temperature applied);
@@ -142,6 +182,7 @@ class Sampler:
         self._generator = generator
         self._seed = seed
         self._generators: dict[torch.device, torch.Generator] = {}
+        self._grammar_masks = GrammarMasks()
 
     def _shared_generator(self, device: torch.device) -> torch.Generator:
         if self._generator is not None:
@@ -159,16 +200,18 @@ class Sampler:
         """Sample for `seqs` (row i of logits [B, V] belongs to seqs[i])."""
         return self(logits, [s.sampling_params for s in seqs], [s.output_token_ids for s in seqs],
                     prompt_token_ids=[s.prompt_token_ids for s in seqs], seeds=[s.seed for s in seqs],
-                    eos_token_ids=[s.eos_token_id for s in seqs])
+                    eos_token_ids=[s.eos_token_id for s in seqs], grammars=[s.grammar for s in seqs])
 
     @torch.no_grad()
     def __call__(self, logits: torch.Tensor, params: Seq[SamplingParams],
                  output_token_ids: Seq[Seq[int]], *, prompt_token_ids: Seq[Seq[int]] | None = None,
                  seeds: Seq[int | None] | None = None,
-                 eos_token_ids: Seq[int | None] | None = None) -> SamplerOutput:
+                 eos_token_ids: Seq[int | None] | None = None,
+                 grammars: Seq[Any | None] | None = None) -> SamplerOutput:
         """logits [B, V]. output_token_ids: each row's generated tokens (penalties, min_tokens and the
         seeded step). prompt_token_ids: for the repetition penalty (outputs only when omitted).
-        seeds: per-row seeds (default params[i].seed). eos_token_ids: masked under min_tokens."""
+        seeds: per-row seeds (default params[i].seed). eos_token_ids: masked under min_tokens.
+        grammars: per-row structured-output matchers (None: unconstrained); read, not advanced."""
         if logits.dim() != 2 or logits.shape[0] != len(params) or len(output_token_ids) != len(params):
             raise ValueError(f"logits {tuple(logits.shape)} must be [B, V] with B = {len(params)} "
                              f"params and {len(output_token_ids)} token histories")
@@ -180,6 +223,11 @@ class Sampler:
 
         logits = self._mask_min_tokens(raw, params, output_token_ids, eos_token_ids)
         logits = apply_logit_bias(logits, params)
+        constrained = [i for i, g in enumerate(grammars or ()) if g is not None]
+        if constrained:
+            bitmask = self._grammar_masks([grammars[i] for i in constrained], logits.shape[1])
+            rows = torch.tensor(constrained, dtype=torch.int64)
+            logits = apply_token_bitmask(logits, rows, bitmask)
         if any(p.has_penalties for p in params):
             # Rows without penalties contribute empty histories, so they cost no padding.
             outs = [o if p.has_penalties else () for p, o in zip(params, output_token_ids)]

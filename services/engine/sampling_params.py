@@ -4,7 +4,8 @@ Semantics follow the OpenAI API and vLLM so clients and dashboards carry over un
 penalties act on generated tokens (presence, frequency) or on prompt and generated tokens
 (repetition), `logprobs=N` returns the sampled token's logprob plus the N most likely alternatives;
 `prompt_logprobs=N` does the same for every prompt token but the first (vLLM's field; OpenAI's
-completions `echo` + `logprobs` is built on it).
+completions `echo` + `logprobs` is built on it). `structured_output` constrains the output to a JSON
+schema, regex, choice list or grammar (services/engine/structured_output.py).
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 from typing import NoReturn
 
 from services.engine.api import MAX_LOGPROBS, Rejection, RequestRejected
+from services.engine.structured_output import StructuredOutput
 
 # Below this a temperature is treated as greedy: dividing logits by it would only amplify noise.
 GREEDY_TEMPERATURE = 1e-5
@@ -86,6 +88,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     logit_bias: tuple[tuple[int, float], ...] = ()
     priority: int = 0
+    structured_output: StructuredOutput | None = None
 
     def __post_init__(self) -> None:
         _check_int("n", self.n, f"[1, {MAX_N}]", lambda v: 1 <= v <= MAX_N)
@@ -115,6 +118,19 @@ class SamplingParams:
         self._normalise_logit_bias()
         low, high = PRIORITY_RANGE
         _check_int("priority", self.priority, f"[{low}, {high}]", lambda v: low <= v <= high)
+        self._check_structured_output()
+
+    def _check_structured_output(self) -> None:
+        constraint = self.structured_output
+        if constraint is None:
+            return
+        if not isinstance(constraint, StructuredOutput):
+            _reject("structured_output", "a StructuredOutput or None", constraint)
+        if self.min_tokens:
+            # The grammar decides where the output ends; holding back eos could leave no token allowed.
+            raise RequestRejected(Rejection(
+                f"min_tokens cannot be combined with {constraint.param}: the constraint decides where "
+                f"the output ends", param="min_tokens"))
 
     def _normalise_stop(self) -> None:
         stop = self.stop

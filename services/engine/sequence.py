@@ -113,6 +113,9 @@ class Sequence:
         # Filled only when sampling_params.prompt_logprobs is not None: prompt tokens 1.. in order
         # (the first token has no context to be predicted from).
         self.prompt_logprobs: list[PromptLogprob] = []
+        # The structured-output matcher (an llguidance LLMatcher, advanced by each output token), or
+        # None for an unconstrained sequence.
+        self.grammar = None
 
     # --- token views -------------------------------------------------------------------------
     @property

@@ -24,6 +24,7 @@ from services.gateway.protocol import (
     echo_logprobs,
     prompt_logprobs,
 )
+from services.gateway.tool_calls import ToolCallStream, ToolUse, parse_call, tool_use
 
 logger = logging.getLogger(__name__)
 
@@ -188,16 +189,30 @@ async def chat_response(ctx: GatewayContext, body: p.ChatCompletionRequest, jobs
             prompt_entries = out.prompt_logprobs
         if out.finished:
             finals.append(out)
+    tools = tool_use(body)
+    messages = {i: _assistant_message(c, tools) for i, c in choices.items()}
     result = p.ChatCompletionResponse(
         id=rid, created=created, model=ctx.model_name, usage=_usage(finals),
         prompt_logprobs=prompt_logprobs(ctx.tokenizer, jobs[0].prompt_ids, prompt_entries),
         choices=[p.ChatChoice(
-            index=i, message=p.AssistantMessage(content=c.text), finish_reason=c.finish_reason,
+            index=i, message=messages[i],
+            finish_reason=_finish_reason(c.finish_reason, bool(messages[i].tool_calls)),
             stop_reason=c.stop_reason, token_ids=c.token_ids if body.return_token_ids else None,
             logprobs=p.ChatLogprobs(content=chat_logprobs(ctx.tokenizer, c.token_ids, c.logprobs,
                                                           c.top_logprobs)) if body.logprobs else None)
             for i, c in sorted(choices.items())])
     return Response(result.model_dump_json(), media_type="application/json")
+
+
+def _assistant_message(choice: Choice, tools: ToolUse | None) -> p.AssistantMessage:
+    call = None if tools is None else parse_call(choice.text, tools.names)
+    if call is None:
+        return p.AssistantMessage(content=choice.text)
+    return p.AssistantMessage(content=None, tool_calls=[call])
+
+
+def _finish_reason(reason: str | None, called: bool) -> str | None:
+    return "tool_calls" if called and reason == "stop" else reason
 
 
 async def chat_events(ctx: GatewayContext, body: p.ChatCompletionRequest, started: Started, rid: str,
@@ -209,15 +224,25 @@ async def chat_events(ctx: GatewayContext, body: p.ChatCompletionRequest, starte
     for i in range(body.n):
         yield chunk([p.ChatStreamChoice(index=i, delta=p.DeltaMessage(role="assistant", content=""))])
     finals = []
+    tools = tool_use(body)
+    calls = {i: ToolCallStream(tools) for i in range(body.n)} if tools is not None else {}
     async for _, out in _outputs(started):
         for o in out.outputs:
             logprobs = p.ChatLogprobs(content=chat_logprobs(ctx.tokenizer, o.token_ids, o.logprobs or [],
                                                             o.top_logprobs)) if body.logprobs else None
-            if (o.text or o.finish_reason or (logprobs is not None and logprobs.content)
+            if o.index in calls:
+                # The call's deltas first; the last chunk carries the rest of the increment.
+                deltas = calls[o.index].add(o.text, o.finish_reason is not None)
+                for delta in deltas[:-1]:
+                    yield chunk([p.ChatStreamChoice(index=o.index, delta=delta)])
+                delta = deltas[-1] if deltas else p.DeltaMessage()
+                finish_reason = _finish_reason(o.finish_reason, calls[o.index].called)
+            else:
+                delta, finish_reason = p.DeltaMessage(content=o.text or None), o.finish_reason
+            if (delta.content or delta.tool_calls or o.finish_reason or (logprobs is not None and logprobs.content)
                     or (body.return_token_ids and o.token_ids)):
                 yield chunk([p.ChatStreamChoice(
-                    index=o.index, delta=p.DeltaMessage(content=o.text or None), logprobs=logprobs,
-                    finish_reason=o.finish_reason,
+                    index=o.index, delta=delta, logprobs=logprobs, finish_reason=finish_reason,
                     token_ids=o.token_ids if body.return_token_ids else None)])
         if out.finished:
             finals.append(out)

@@ -22,6 +22,7 @@ from grpc_reflection.v1alpha import reflection
 from services.engine.api import (
     EngineDeadError,
     QueueFullError,
+    Rejection,
     RequestLimits,
     RequestRejected,
     StreamingEngineClient,
@@ -30,6 +31,7 @@ from services.engine.api import (
 )
 from services.engine.outputs import CompletionOutput, RequestOutput
 from services.engine.sampling_params import SamplingParams
+from services.engine.structured_output import StructuredOutput
 from services.gateway.config import GrpcConfig
 from services.gateway.proto import grok_serve_pb2 as pb
 from services.gateway.proto import grok_serve_pb2_grpc as pb_grpc
@@ -77,7 +79,24 @@ def sampling_params_from_proto(msg: pb.SamplingParams) -> SamplingParams:
     """Unset optional fields keep SamplingParams' defaults; raises ValueError naming a bad field."""
     given = {name: getattr(msg, name) for name in _OPTIONAL_PARAMS if msg.HasField(name)}
     return SamplingParams(stop=tuple(msg.stop), stop_token_ids=tuple(msg.stop_token_ids),
-                          ignore_eos=msg.ignore_eos, **given)
+                          ignore_eos=msg.ignore_eos, structured_output=structured_output_from_proto(msg),
+                          **given)
+
+
+def structured_output_from_proto(msg: pb.SamplingParams) -> StructuredOutput | None:
+    if not msg.HasField("structured_output"):
+        return None
+    so, param = msg.structured_output, "structured_output"
+    kind = so.WhichOneof("kind")
+    if kind is None:
+        raise RequestRejected(Rejection("structured_output: set one of its kinds", param))
+    if kind == "json_schema":
+        return StructuredOutput.json_schema(so.json_schema, param)
+    if kind == "json_object":
+        return StructuredOutput.json_object(param)
+    if kind == "choice":
+        return StructuredOutput.choice(list(so.choice.choices), param)
+    return StructuredOutput(kind, getattr(so, kind), param)
 
 
 def _sequence_to_proto(out: CompletionOutput) -> pb.SequenceOutput:
@@ -155,8 +174,10 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             raise _Rejected(grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed before generation")
         msg = request.sampling_params
         # Counted before anything is decoded or tokenized: a message may hold 4 MB of stop strings.
+        so = msg.structured_output if msg.HasField("structured_output") else None
         rejection = check_limits(self._limits, stop=msg.stop, n=msg.n if msg.HasField("n") else 1,
-                                 logprobs=msg.logprobs if msg.HasField("logprobs") else None)
+                                 logprobs=msg.logprobs if msg.HasField("logprobs") else None,
+                                 structured_output=None if so is None else ("structured_output", so.ByteSize()))
         if rejection is not None:
             raise RequestRejected(rejection)
         prompt_ids = self._prompt_ids(request)

@@ -28,6 +28,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from services.engine.api import (
     EngineDeadError,
     EngineUnavailableError,
+    Rejection,
     RequestRejected,
     admit,
     check_limits,
@@ -35,6 +36,7 @@ from services.engine.api import (
     completion_budget,
 )
 from services.engine.sampling_params import SamplingParams
+from services.engine.structured_output import StructuredOutput
 from services.gateway import protocol as p
 from services.gateway.auth import ApiKeyMiddleware, BodyLimitMiddleware
 from services.gateway.context import GatewayContext, GenerationJob, build_context
@@ -51,6 +53,8 @@ from services.gateway.generation import (
 )
 from services.gateway.metrics import HttpMetricsMiddleware
 from services.gateway.proxy import sanitized_request_id
+from services.gateway.structured_outputs import request_constraint
+from services.gateway.tool_calls import CLOSE, tool_use
 
 __all__ = ["GatewayContext", "build_context", "create_app", "router"]
 
@@ -106,12 +110,14 @@ def _admit(ctx: GatewayContext, ids: list[int], max_tokens: int | None, param: s
 
 def _check_limits(ctx: GatewayContext, body: p.SamplingFields, *, num_prompts: int = 1,
                   logprobs: int | None = None, messages: int = 0,
-                  names: Mapping[str, str] | None = None) -> None:
+                  names: Mapping[str, str] | None = None,
+                  constraint: StructuredOutput | None = None) -> None:
     """The per-request caps (services.engine.api.RequestLimits), before any prompt is tokenized."""
     stop = body.stop if body.stop is not None else ()
     rejection = check_limits(ctx.config.limits, stop=(stop,) if isinstance(stop, str) else stop,
                              num_prompts=num_prompts, n=body.n, logprobs=logprobs,
                              logit_bias=len(body.logit_bias or {}), messages=messages,
+                             structured_output=None if constraint is None else (constraint.param, constraint.size),
                              names=dict(names or {}))
     if rejection is not None:
         raise RequestRejected(rejection)
@@ -132,9 +138,10 @@ def _check_logit_bias(ctx: GatewayContext, params: SamplingParams) -> None:
 
 
 
-def _render_chat(ctx: GatewayContext, messages: list[p.ChatMessage], add_generation_prompt: bool) -> str:
+def _render_chat(ctx: GatewayContext, messages: list[p.ChatMessage], add_generation_prompt: bool,
+                 tools: list[dict] | None = None) -> str:
     try:
-        return ctx.template.render([m.for_template() for m in messages], add_generation_prompt)
+        return ctx.template.render([m.for_template() for m in messages], add_generation_prompt, tools)
     except ValueError as exc:
         raise BadRequestError(str(exc), param="messages") from None
 
@@ -185,22 +192,31 @@ def _chat_job(ctx: GatewayContext, body: p.ChatCompletionRequest,
     """The chat request as one engine request, and the engine's parameter names as this request
     spells them."""
     try:
+        constraint = request_constraint(body)
+        tools = tool_use(body)
+        if tools is not None and tools.constraint is not None:
+            if constraint is not None:
+                raise RequestRejected(Rejection(f"tool_choice {tools.mode!r} constrains the output, so it "
+                                                f"cannot be combined with {constraint.param}", "tool_choice"))
+            constraint = tools.constraint
         _check_limits(ctx, body, logprobs=body.top_logprobs, messages=len(body.messages),
-                      names={"logprobs": "top_logprobs"})
+                      names={"logprobs": "top_logprobs"}, constraint=constraint)
     except ValueError as exc:
         raise gateway_error(ctx, exc) from None
-    if body.tools:
-        raise BadRequestError("tools are not supported", param="tools")
     if body.top_logprobs is not None and not body.logprobs:
         raise BadRequestError("top_logprobs requires logprobs: true", param="top_logprobs")
     completion_field = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     rename = {"logprobs": "top_logprobs", "max_tokens": completion_field}
-    ids = _encode(ctx, _render_chat(ctx, body.messages, body.add_generation_prompt), "messages")
+    prompt = _render_chat(ctx, body.messages, body.add_generation_prompt,
+                          None if tools is None else tools.template_tools())
+    ids = _encode(ctx, prompt, "messages")
     ids = _truncate(ctx, ids, body.truncate_prompt_tokens)
+    # An unconstrained call ends the answer: what follows it would be the model inventing the result.
+    extra_stop = (*ctx.template.stop, *((CLOSE,) if tools is not None and tools.mode == "auto" else ()))
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     try:
         max_tokens = _admit(ctx, ids, getattr(body, completion_field), "messages")
-        params = body.sampling_params(max_tokens, logprobs, ctx.template.stop)
+        params = body.sampling_params(max_tokens, logprobs, extra_stop, structured_output=constraint)
         _check_logit_bias(ctx, params)
     except ValueError as exc:
         raise gateway_error(ctx, exc, rename) from None
@@ -211,7 +227,9 @@ def _chat_job(ctx: GatewayContext, body: p.ChatCompletionRequest,
 def _completion_jobs(ctx: GatewayContext, body: p.CompletionRequest, request_id: str) -> list[GenerationJob]:
     """One engine request per prompt."""
     try:
-        _check_limits(ctx, body, num_prompts=_num_prompts(body.prompt), logprobs=body.logprobs)
+        constraint = request_constraint(body)
+        _check_limits(ctx, body, num_prompts=_num_prompts(body.prompt), logprobs=body.logprobs,
+                      constraint=constraint)
     except ValueError as exc:
         raise gateway_error(ctx, exc) from None
     if body.suffix:
@@ -227,7 +245,7 @@ def _completion_jobs(ctx: GatewayContext, body: p.CompletionRequest, request_id:
             ids = _truncate(ctx, whole, body.truncate_prompt_tokens)
             text = text if len(ids) == len(whole) else None  # echo shows what the model saw
             params = body.sampling_params(_admit(ctx, ids, body.max_tokens, "prompt"), body.logprobs,
-                                          prompt_logprobs=prompt_logprobs)
+                                          prompt_logprobs=prompt_logprobs, structured_output=constraint)
             _check_logit_bias(ctx, params)
             jobs.append(GenerationJob(i * body.n, ids, text, params, _engine_id(request_id, i)))
     except ValueError as exc:

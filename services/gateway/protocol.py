@@ -7,7 +7,10 @@ Extensions beyond OpenAI follow vLLM's names: top_k, min_p, repetition_penalty, 
 stop_token_ids, ignore_eos, skip_special_tokens, `return_token_ids` (each choice then carries the
 generated `token_ids`, since text does not map back to ids one to one) and `prompt_logprobs` (per prompt
 token, None for the first: `{token id: {logprob, rank, decoded_token}}` for the prompt token and the N
-most likely ones, on each completions choice and on the chat response).
+most likely ones, on each completions choice and on the chat response). Structured outputs take OpenAI's
+`response_format` and vLLM's `guided_json` / `guided_regex` / `guided_choice` / `guided_grammar` and
+`structured_outputs` (services/gateway/structured_outputs.py); tools follow OpenAI's shape
+(services/gateway/tool_calls.py).
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from services.engine.api import Rejection, RequestRejected
 from services.engine.sampling_params import SamplingParams
+from services.engine.structured_output import StructuredOutput
 
 _OMIT_NONE = {"exclude_if": lambda value: value is None}
 # logit_bias keys: token ids as OpenAI writes them, decimal digits only (no sign, space or exponent).
@@ -35,6 +39,30 @@ class _Response(BaseModel):
 
 class StreamOptions(_Request):
     include_usage: bool = False
+
+
+class JsonSchemaFormat(_Request):
+    model_config = ConfigDict(strict=True, extra="ignore", populate_by_name=True)
+    name: str
+    description: str | None = None
+    # "schema" would shadow a BaseModel attribute.
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Request):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputsField(_Request):
+    """vLLM's `structured_outputs` request field (its newer spelling of the guided_* fields)."""
+
+    json_: dict[str, Any] | bool | str | None = Field(default=None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
 
 
 class SamplingFields(_Request):
@@ -63,9 +91,16 @@ class SamplingFields(_Request):
     prompt_logprobs: int | None = None
     truncate_prompt_tokens: int | None = None
     priority: int = 0
+    response_format: ResponseFormat | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    structured_outputs: StructuredOutputsField | None = None
 
     def sampling_params(self, max_tokens: int, logprobs: int | None, extra_stop: tuple[str, ...] = (),
-                        prompt_logprobs: int | None = None) -> SamplingParams:
+                        prompt_logprobs: int | None = None,
+                        structured_output: StructuredOutput | None = None) -> SamplingParams:
         """Raises RequestRejected naming the engine parameter (services/engine/api.py)."""
         stop = self.stop if self.stop is not None else ()
         stop = (stop,) if isinstance(stop, str) else tuple(stop)
@@ -77,7 +112,8 @@ class SamplingFields(_Request):
             stop_token_ids=tuple(self.stop_token_ids or ()), ignore_eos=self.ignore_eos,
             logprobs=logprobs, skip_special_tokens=self.skip_special_tokens,
             prompt_logprobs=self.prompt_logprobs if prompt_logprobs is None else prompt_logprobs,
-            logit_bias=self._logit_bias(), priority=self.priority, **given)
+            logit_bias=self._logit_bias(), priority=self.priority,
+            structured_output=structured_output, **given)
 
     def _logit_bias(self) -> dict[int, float]:
         bias = {}
@@ -98,21 +134,61 @@ class TextPart(_Request):
     text: str
 
 
+class FunctionCallIn(_Request):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCallIn(_Request):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallIn
+
+
 class ChatMessage(_Request):
     model_config = ConfigDict(strict=True, extra="allow")
     # "developer" is OpenAI's newer name for the system role.
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    # None only for an assistant message that carries tool_calls (the template says so otherwise).
+    content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallIn] | None = None
+    tool_call_id: str | None = None
 
     def for_template(self) -> dict[str, Any]:
-        content = self.content if isinstance(self.content, str) else [p.model_dump() for p in self.content]
         role = "system" if self.role == "developer" else self.role
-        return {"role": role, "content": content}
+        message: dict[str, Any] = {"role": role}
+        if self.content is not None:
+            message["content"] = (self.content if isinstance(self.content, str)
+                                  else [p.model_dump() for p in self.content])
+        elif self.tool_calls and role == "assistant":
+            message["content"] = ""
+        if self.tool_calls:
+            message["tool_calls"] = [c.model_dump() for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        return message
 
 
-class ResponseFormat(_Request):
-    type: Literal["text"]
+class FunctionDefinition(_Request):
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolDefinition(_Request):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Request):
+    name: str
+
+
+class NamedToolChoice(_Request):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -121,9 +197,9 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
-    response_format: ResponseFormat | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
+    tools: list[ToolDefinition] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
     add_generation_prompt: bool = True
 
 
@@ -215,9 +291,21 @@ class ChatLogprobs(_Response):
     content: list[ChatTokenLogprob] | None = None
 
 
+class FunctionCall(_Response):
+    name: str
+    arguments: str
+
+
+class ToolCall(_Response):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class AssistantMessage(_Response):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] = Field(default_factory=list)
 
 
 class ChatChoice(_Response):
@@ -240,9 +328,22 @@ class ChatCompletionResponse(_Response):
     prompt_logprobs: PromptLogprobs | None = Field(default=None, **_OMIT_NONE)
 
 
+class DeltaFunctionCall(_Response):
+    name: str | None = Field(default=None, **_OMIT_NONE)
+    arguments: str | None = Field(default=None, **_OMIT_NONE)
+
+
+class DeltaToolCall(_Response):
+    index: int
+    id: str | None = Field(default=None, **_OMIT_NONE)
+    type: Literal["function"] | None = Field(default=None, **_OMIT_NONE)
+    function: DeltaFunctionCall
+
+
 class DeltaMessage(_Response):
     role: str | None = Field(default=None, **_OMIT_NONE)
     content: str | None = Field(default=None, **_OMIT_NONE)
+    tool_calls: list[DeltaToolCall] | None = Field(default=None, **_OMIT_NONE)
 
 
 class ChatStreamChoice(_Response):

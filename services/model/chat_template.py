@@ -21,9 +21,28 @@ space ("▁2"). A base model tends to go on with the next "User:" turn, so `Chat
 stop strings that end the reply ("\\nUser:", "\\nSystem:"); a user template has none unless given.
 The transcript is plain text: message content that itself contains "\\n\\nUser:" reads like a new turn.
 
+Tools (OpenAI's `tools`, when the request lets the model call them) open the transcript as a system
+turn that lists each function's definition as JSON, one per line, after the calling convention:
+
+    System: You can call these functions. To call one, reply with only
+    <tool_call>{"name":<the function's name>,"arguments":<its arguments as a JSON object>}</tool_call>
+    {"description": "Weather in a city", "name": "get_weather", "parameters": {...}}
+
+    User: Weather in Paris?
+
+    Assistant: <tool_call>{"name":"get_weather","arguments":{"city":"Paris"}}</tool_call>
+
+    Tool: 22 C, sunny
+
+    Assistant:
+
+An assistant message's `tool_calls` follow its content in that same form; a `tool` message (a tool's
+result) is a "Tool:" turn. "\nTool:" is a stop string too, so the model does not invent results.
+
 Templates see `messages` (a list of dicts: "role", "content" as one string, other keys of the message
-unchanged), `add_generation_prompt`, and `raise_exception(message)`, the helper that Hugging Face chat
-templates call. They render with trim_blocks and lstrip_blocks, as Hugging Face renders them.
+unchanged, e.g. "tool_calls" and "tool_call_id"), `tools` (the request's tool definitions, as Hugging
+Face templates expect them, or None), `add_generation_prompt`, and `raise_exception(message)`, the helper
+that Hugging Face chat templates call. They render with trim_blocks and lstrip_blocks, as Hugging Face renders them.
 Content may be a string or a list of {"type": "text", "text": ...} parts, joined with "\\n".
 """
 from __future__ import annotations
@@ -35,13 +54,25 @@ from typing import Any, NoReturn
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-ROLES = ("system", "user", "assistant")
-DEFAULT_STOP = ("\nUser:", "\nSystem:")
+ROLES = ("system", "user", "assistant", "tool")
+DEFAULT_STOP = ("\nUser:", "\nSystem:", "\nTool:")
+TOOLS_PREAMBLE = ("You can call these functions. To call one, reply with only\n"
+                  '<tool_call>{"name":<the function\'s name>,"arguments":<its arguments as a JSON object>}'
+                  "</tool_call>")
 
 DEFAULT_TEMPLATE = (
+    "{%- if tools -%}"
+    "System: " + TOOLS_PREAMBLE.replace("'", "\\'").join(("{{ '", "' }}")) +
+    "{%- for tool in tools %}{{ '\\n' }}{{ tool.function | tojson }}{% endfor -%}"
+    "{%- if messages %}{{ '\\n\\n' }}{% endif -%}"
+    "{%- endif -%}"
     "{%- for message in messages -%}"
     "{%- if not loop.first %}{{ '\\n\\n' }}{% endif -%}"
     "{{ message.role | capitalize }}: {{ message.content | trim }}"
+    "{%- for call in message.tool_calls or [] -%}"
+    "{%- if message.content | trim or not loop.first %} {% endif -%}"
+    "<tool_call>{\"name\":{{ call.function.name | tojson }},\"arguments\":{{ call.function.arguments }}}</tool_call>"
+    "{%- endfor -%}"
     "{%- endfor -%}"
     "{%- if add_generation_prompt %}{{ '\\n\\nAssistant:' }}{% endif -%}"
 )
@@ -89,9 +120,12 @@ def normalize_messages(messages: object) -> list[dict[str, Any]]:
         if role not in ROLES:
             raise InvalidMessagesError(f"messages[{index}] has unknown role {role!r}; expected one of "
                                        f"{', '.join(ROLES)}")
-        if "content" not in message:
+        content = message.get("content")
+        if content is None and role == "assistant" and message.get("tool_calls"):
+            content = ""  # OpenAI's shape of an assistant turn that only calls tools
+        elif "content" not in message:
             raise InvalidMessagesError(f"messages[{index}] has no content")
-        normalized.append({**message, "content": _message_text(message["content"], index)})
+        normalized.append({**message, "content": _message_text(content, index)})
     return normalized
 
 
@@ -125,9 +159,12 @@ class ChatTemplate:
             raise ValueError(f"chat template {path} is not UTF-8 text: {exc}") from None
         return cls(source, name=str(path), stop=stop)
 
-    def render(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True) -> str:
+    def render(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
+               tools: Sequence[Mapping[str, Any]] | None = None) -> str:
+        """`tools`: OpenAI tool definitions ({"type": "function", "function": {...}}) the model may call."""
         normalized = normalize_messages(messages)
         try:
-            return self._template.render(messages=normalized, add_generation_prompt=add_generation_prompt)
+            return self._template.render(messages=normalized, add_generation_prompt=add_generation_prompt,
+                                         tools=list(tools) if tools else None)
         except Exception as exc:  # anything a template raises is the template's error, e.g. 1 + "a"
             raise ValueError(f"chat template {self.name} failed to render: {exc}") from exc

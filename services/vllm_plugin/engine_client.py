@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 from collections.abc import Sequence as Seq
 from typing import Any
 
-from services.engine.api import EngineDeadError, ModelInfo, RequestRejected, admit
+from services.engine.api import EngineDeadError, ModelInfo, Rejection, RequestRejected, admit
 from services.engine.config import EngineConfig
 from services.engine.outputs import CompletionOutput, RequestOutput, Usage
 from services.engine.sampling_params import SamplingParams
@@ -28,6 +28,10 @@ def vllm_sampling_params(params: SamplingParams, eos_token_id: int):
     from vllm import SamplingParams as VllmSamplingParams
     from vllm.sampling_params import RequestOutputKind
 
+    if params.structured_output is not None:
+        # vLLM runs here without a tokenizer, and its structured outputs need one.
+        raise RequestRejected(Rejection(f"{params.structured_output.param} is not supported with the "
+                                        "vLLM engine backend", params.structured_output.param))
     stop_ids = list(params.stop_token_ids)
     if not params.ignore_eos and eos_token_id not in stop_ids:
         stop_ids.append(eos_token_id)
