@@ -178,6 +178,23 @@ def test_token_id_prompt_n_and_logprobs(served):
     assert (unary.usage.prompt_tokens, unary.usage.completion_tokens) == (4, 10)
 
 
+def test_logit_bias_priority_and_prompt_truncation(served):
+    prompt = [1, 80, 90, 100, 110, 120]
+    plain = served.stub.Generate(pb.GenerateRequest(token_ids=pb.TokenIds(ids=prompt), sampling_params=greedy(4)),
+                                 metadata=AUTH, timeout=RPC_TIMEOUT).outputs[0]
+    # +100 forces a token at every step; -100 keeps the greedy first token from ever appearing.
+    banned = plain.token_ids[0]
+    forced = served.stub.Generate(pb.GenerateRequest(token_ids=pb.TokenIds(ids=prompt), sampling_params=greedy(
+        4, logit_bias={7: 100.0, banned: -100.0}, priority=-5)), metadata=AUTH, timeout=RPC_TIMEOUT)
+    assert list(forced.outputs[0].token_ids) == [7] * 4
+    # The last 3 prompt tokens, as if only they had been sent.
+    cut = served.stub.Generate(pb.GenerateRequest(token_ids=pb.TokenIds(ids=prompt), sampling_params=greedy(
+        4, truncate_prompt_tokens=3)), metadata=AUTH, timeout=RPC_TIMEOUT)
+    alone = served.stub.Generate(pb.GenerateRequest(token_ids=pb.TokenIds(ids=prompt[-3:]),
+                                                    sampling_params=greedy(4)), metadata=AUTH, timeout=RPC_TIMEOUT)
+    assert cut.usage.prompt_tokens == 3 and list(cut.outputs[0].token_ids) == list(alone.outputs[0].token_ids)
+
+
 def test_tokenize_detokenize_round_trip(served):
     text = "Grok serves gRPC: ünïcödé ✓"
     ids = served.stub.Tokenize(pb.TokenizeRequest(text=text), metadata=AUTH).token_ids
@@ -230,6 +247,9 @@ def test_api_key_required(served, metadata):
     (pb.GenerateRequest(token_ids=pb.TokenIds(ids=[5] * 2000), sampling_params=greedy(49)),
      "maximum context length"),
     (pb.GenerateRequest(token_ids=pb.TokenIds(ids=[5] * 2048)), "maximum context length"),
+    (pb.GenerateRequest(text="hi", sampling_params=greedy(2, logit_bias={5: 101.0})), "logit_bias"),
+    (pb.GenerateRequest(text="hi", sampling_params=greedy(2, logit_bias={512: 1.0})), "logit_bias"),
+    (pb.GenerateRequest(text="hi", sampling_params=greedy(2, truncate_prompt_tokens=0)), "truncate_prompt_tokens"),
 ])
 def test_invalid_argument(served, request_, field):
     for call in (served.stub.Generate, served.stub.GenerateStream):

@@ -28,6 +28,7 @@ from services.engine.api import (
     StreamingEngineClient,
     admit,
     check_limits,
+    check_token_ids,
 )
 from services.engine.outputs import CompletionOutput, RequestOutput
 from services.engine.sampling_params import SamplingParams
@@ -47,7 +48,7 @@ RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"
 
 _OPTIONAL_PARAMS = ("n", "temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty",
                     "frequency_penalty", "repetition_penalty", "max_tokens", "min_tokens", "logprobs",
-                    "skip_special_tokens")
+                    "skip_special_tokens", "priority")
 _FINISH_REASONS = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH,
                    "abort": pb.FINISH_REASON_ABORT}
 
@@ -80,7 +81,7 @@ def sampling_params_from_proto(msg: pb.SamplingParams) -> SamplingParams:
     given = {name: getattr(msg, name) for name in _OPTIONAL_PARAMS if msg.HasField(name)}
     return SamplingParams(stop=tuple(msg.stop), stop_token_ids=tuple(msg.stop_token_ids),
                           ignore_eos=msg.ignore_eos, structured_output=structured_output_from_proto(msg),
-                          **given)
+                          logit_bias=dict(msg.logit_bias), **given)
 
 
 def structured_output_from_proto(msg: pb.SamplingParams) -> StructuredOutput | None:
@@ -177,11 +178,21 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         so = msg.structured_output if msg.HasField("structured_output") else None
         rejection = check_limits(self._limits, stop=msg.stop, n=msg.n if msg.HasField("n") else 1,
                                  logprobs=msg.logprobs if msg.HasField("logprobs") else None,
+                                 logit_bias=len(msg.logit_bias),
                                  structured_output=None if so is None else ("structured_output", so.ByteSize()))
         if rejection is not None:
             raise RequestRejected(rejection)
         prompt_ids = self._prompt_ids(request)
+        if msg.HasField("truncate_prompt_tokens"):  # vLLM's: before the context-length check
+            keep, limit = msg.truncate_prompt_tokens, self._client.max_model_len
+            if not 1 <= keep <= limit:
+                raise RequestRejected(Rejection(f"truncate_prompt_tokens must be in [1, {limit}] "
+                                                f"(max_model_len), got {keep}", "truncate_prompt_tokens"))
+            prompt_ids = prompt_ids[-keep:]
         params = sampling_params_from_proto(msg)
+        rejection = check_token_ids(list(msg.logit_bias), self._tokenizer.vocab_size, "logit_bias")
+        if rejection is not None:  # gRPC has no separate field for the parameter: name it in the text
+            raise RequestRejected(Rejection(f"logit_bias: {rejection.message}", rejection.param))
         # The engine admits it too, but a remote engine would only do so after queueing.
         rejection = admit(prompt_ids, params.max_tokens, vocab_size=self._tokenizer.vocab_size,
                           max_model_len=self._client.max_model_len)

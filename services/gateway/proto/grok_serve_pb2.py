@@ -24,43 +24,47 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'services/gateway/proto/grok_serve.proto\x12\rgrok_serve.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xa2\x01\n\x0fGenerateRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12,\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x17.grok_serve.v1.TokenIdsH\x00\x12\x36\n\x0fsampling_params\x18\x03 \x01(\x0b\x32\x1d.grok_serve.v1.SamplingParams\x12\x0f\n\x07\x61\x64\x64_bos\x18\x04 \x01(\x08\x42\x08\n\x06prompt\"\x8c\x05\n\x0eSamplingParams\x12\x0e\n\x01n\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x01H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x03H\x05\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x07 \x01(\x01H\x06\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x08 \x01(\x01H\x07\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\t \x01(\x01H\x08\x88\x01\x01\x12\x17\n\nmax_tokens\x18\n \x01(\x05H\t\x88\x01\x01\x12\x17\n\nmin_tokens\x18\x0b \x01(\x05H\n\x88\x01\x01\x12\x0c\n\x04stop\x18\x0c \x03(\t\x12\x16\n\x0estop_token_ids\x18\r \x03(\r\x12\x12\n\nignore_eos\x18\x0e \x01(\x08\x12\x15\n\x08logprobs\x18\x0f \x01(\x05H\x0b\x88\x01\x01\x12 \n\x13skip_special_tokens\x18\x10 \x01(\x08H\x0c\x88\x01\x01\x12:\n\x11structured_output\x18  \x01(\x0b\x32\x1f.grok_serve.v1.StructuredOutputB\x04\n\x02_nB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x07\n\x05_seedB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\r\n\x0b_max_tokensB\r\n\x0b_min_tokensB\x0b\n\t_logprobsB\x16\n\x14_skip_special_tokens\"\x96\x01\n\x10StructuredOutput\x12\x15\n\x0bjson_schema\x18\x01 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x02 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12(\n\x06\x63hoice\x18\x04 \x01(\x0b\x32\x16.grok_serve.v1.ChoicesH\x00\x12\x11\n\x07grammar\x18\x05 \x01(\tH\x00\x42\x06\n\x04kind\"\x1a\n\x07\x43hoices\x12\x0f\n\x07\x63hoices\x18\x01 \x03(\t\",\n\x07Logprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\"_\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12,\n\x0ctop_logprobs\x18\x03 \x03(\x0b\x32\x16.grok_serve.v1.Logprob\"\xe2\x01\n\x0eSequenceOutput\x12\r\n\x05index\x18\x01 \x01(\r\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12-\n\x08logprobs\x18\x04 \x03(\x0b\x32\x1b.grok_serve.v1.TokenLogprob\x12\x32\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x1b.grok_serve.v1.FinishReason\x12\x17\n\rstop_token_id\x18\x06 \x01(\rH\x00\x12\x15\n\x0bstop_string\x18\x07 \x01(\tH\x00\x42\r\n\x0bstop_reason\"f\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\r\x12\x15\n\rcached_tokens\x18\x04 \x01(\r\"\x8d\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12.\n\x07outputs\x18\x02 \x03(\x0b\x32\x1d.grok_serve.v1.SequenceOutput\x12\x10\n\x08\x66inished\x18\x03 \x01(\x08\x12#\n\x05usage\x18\x04 \x01(\x0b\x32\x14.grok_serve.v1.Usage\"0\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64_bos\x18\x02 \x01(\x08\"<\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\"`\n\x11\x44\x65tokenizeRequest\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12 \n\x13skip_special_tokens\x18\x02 \x01(\x08H\x00\x88\x01\x01\x42\x16\n\x14_skip_special_tokens\"\"\n\x12\x44\x65tokenizeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\xce\x02\n\nGeneration\x12S\n\x0eGenerateStream\x12\x1e.grok_serve.v1.GenerateRequest\x1a\x1f.grok_serve.v1.GenerateResponse0\x01\x12K\n\x08Generate\x12\x1e.grok_serve.v1.GenerateRequest\x1a\x1f.grok_serve.v1.GenerateResponse\x12K\n\x08Tokenize\x12\x1e.grok_serve.v1.TokenizeRequest\x1a\x1f.grok_serve.v1.TokenizeResponse\x12Q\n\nDetokenize\x12 .grok_serve.v1.DetokenizeRequest\x1a!.grok_serve.v1.DetokenizeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'services/gateway/proto/grok_serve.proto\x12\rgrok_serve.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xa2\x01\n\x0fGenerateRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12,\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x17.grok_serve.v1.TokenIdsH\x00\x12\x36\n\x0fsampling_params\x18\x03 \x01(\x0b\x32\x1d.grok_serve.v1.SamplingParams\x12\x0f\n\x07\x61\x64\x64_bos\x18\x04 \x01(\x08\x42\x08\n\x06prompt\"\xe4\x06\n\x0eSamplingParams\x12\x0e\n\x01n\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x01H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x03H\x05\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x07 \x01(\x01H\x06\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x08 \x01(\x01H\x07\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\t \x01(\x01H\x08\x88\x01\x01\x12\x17\n\nmax_tokens\x18\n \x01(\x05H\t\x88\x01\x01\x12\x17\n\nmin_tokens\x18\x0b \x01(\x05H\n\x88\x01\x01\x12\x0c\n\x04stop\x18\x0c \x03(\t\x12\x16\n\x0estop_token_ids\x18\r \x03(\r\x12\x12\n\nignore_eos\x18\x0e \x01(\x08\x12\x15\n\x08logprobs\x18\x0f \x01(\x05H\x0b\x88\x01\x01\x12 \n\x13skip_special_tokens\x18\x10 \x01(\x08H\x0c\x88\x01\x01\x12@\n\nlogit_bias\x18\x11 \x03(\x0b\x32,.grok_serve.v1.SamplingParams.LogitBiasEntry\x12\x15\n\x08priority\x18\x12 \x01(\x05H\r\x88\x01\x01\x12#\n\x16truncate_prompt_tokens\x18\x13 \x01(\x05H\x0e\x88\x01\x01\x12:\n\x11structured_output\x18  \x01(\x0b\x32\x1f.grok_serve.v1.StructuredOutput\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\x04\n\x02_nB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x07\n\x05_seedB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\r\n\x0b_max_tokensB\r\n\x0b_min_tokensB\x0b\n\t_logprobsB\x16\n\x14_skip_special_tokensB\x0b\n\t_priorityB\x19\n\x17_truncate_prompt_tokens\"\x96\x01\n\x10StructuredOutput\x12\x15\n\x0bjson_schema\x18\x01 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x02 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12(\n\x06\x63hoice\x18\x04 \x01(\x0b\x32\x16.grok_serve.v1.ChoicesH\x00\x12\x11\n\x07grammar\x18\x05 \x01(\tH\x00\x42\x06\n\x04kind\"\x1a\n\x07\x43hoices\x12\x0f\n\x07\x63hoices\x18\x01 \x03(\t\",\n\x07Logprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\"_\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12,\n\x0ctop_logprobs\x18\x03 \x03(\x0b\x32\x16.grok_serve.v1.Logprob\"\xe2\x01\n\x0eSequenceOutput\x12\r\n\x05index\x18\x01 \x01(\r\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12-\n\x08logprobs\x18\x04 \x03(\x0b\x32\x1b.grok_serve.v1.TokenLogprob\x12\x32\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x1b.grok_serve.v1.FinishReason\x12\x17\n\rstop_token_id\x18\x06 \x01(\rH\x00\x12\x15\n\x0bstop_string\x18\x07 \x01(\tH\x00\x42\r\n\x0bstop_reason\"f\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\r\x12\x15\n\rcached_tokens\x18\x04 \x01(\r\"\x8d\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12.\n\x07outputs\x18\x02 \x03(\x0b\x32\x1d.grok_serve.v1.SequenceOutput\x12\x10\n\x08\x66inished\x18\x03 \x01(\x08\x12#\n\x05usage\x18\x04 \x01(\x0b\x32\x14.grok_serve.v1.Usage\"0\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64_bos\x18\x02 \x01(\x08\"<\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\"`\n\x11\x44\x65tokenizeRequest\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12 \n\x13skip_special_tokens\x18\x02 \x01(\x08H\x00\x88\x01\x01\x42\x16\n\x14_skip_special_tokens\"\"\n\x12\x44\x65tokenizeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\xce\x02\n\nGeneration\x12S\n\x0eGenerateStream\x12\x1e.grok_serve.v1.GenerateRequest\x1a\x1f.grok_serve.v1.GenerateResponse0\x01\x12K\n\x08Generate\x12\x1e.grok_serve.v1.GenerateRequest\x1a\x1f.grok_serve.v1.GenerateResponse\x12K\n\x08Tokenize\x12\x1e.grok_serve.v1.TokenizeRequest\x1a\x1f.grok_serve.v1.TokenizeResponse\x12Q\n\nDetokenize\x12 .grok_serve.v1.DetokenizeRequest\x1a!.grok_serve.v1.DetokenizeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'services.gateway.proto.grok_serve_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1950
-  _globals['_FINISHREASON']._serialized_end=2070
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._loaded_options = None
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_options = b'8\001'
+  _globals['_FINISHREASON']._serialized_start=2166
+  _globals['_FINISHREASON']._serialized_end=2286
   _globals['_TOKENIDS']._serialized_start=58
   _globals['_TOKENIDS']._serialized_end=81
   _globals['_GENERATEREQUEST']._serialized_start=84
   _globals['_GENERATEREQUEST']._serialized_end=246
   _globals['_SAMPLINGPARAMS']._serialized_start=249
-  _globals['_SAMPLINGPARAMS']._serialized_end=901
-  _globals['_STRUCTUREDOUTPUT']._serialized_start=904
-  _globals['_STRUCTUREDOUTPUT']._serialized_end=1054
-  _globals['_CHOICES']._serialized_start=1056
-  _globals['_CHOICES']._serialized_end=1082
-  _globals['_LOGPROB']._serialized_start=1084
-  _globals['_LOGPROB']._serialized_end=1128
-  _globals['_TOKENLOGPROB']._serialized_start=1130
-  _globals['_TOKENLOGPROB']._serialized_end=1225
-  _globals['_SEQUENCEOUTPUT']._serialized_start=1228
-  _globals['_SEQUENCEOUTPUT']._serialized_end=1454
-  _globals['_USAGE']._serialized_start=1456
-  _globals['_USAGE']._serialized_end=1558
-  _globals['_GENERATERESPONSE']._serialized_start=1561
-  _globals['_GENERATERESPONSE']._serialized_end=1702
-  _globals['_TOKENIZEREQUEST']._serialized_start=1704
-  _globals['_TOKENIZEREQUEST']._serialized_end=1752
-  _globals['_TOKENIZERESPONSE']._serialized_start=1754
-  _globals['_TOKENIZERESPONSE']._serialized_end=1814
-  _globals['_DETOKENIZEREQUEST']._serialized_start=1816
-  _globals['_DETOKENIZEREQUEST']._serialized_end=1912
-  _globals['_DETOKENIZERESPONSE']._serialized_start=1914
-  _globals['_DETOKENIZERESPONSE']._serialized_end=1948
-  _globals['_GENERATION']._serialized_start=2073
-  _globals['_GENERATION']._serialized_end=2407
+  _globals['_SAMPLINGPARAMS']._serialized_end=1117
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=835
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=883
+  _globals['_STRUCTUREDOUTPUT']._serialized_start=1120
+  _globals['_STRUCTUREDOUTPUT']._serialized_end=1270
+  _globals['_CHOICES']._serialized_start=1272
+  _globals['_CHOICES']._serialized_end=1298
+  _globals['_LOGPROB']._serialized_start=1300
+  _globals['_LOGPROB']._serialized_end=1344
+  _globals['_TOKENLOGPROB']._serialized_start=1346
+  _globals['_TOKENLOGPROB']._serialized_end=1441
+  _globals['_SEQUENCEOUTPUT']._serialized_start=1444
+  _globals['_SEQUENCEOUTPUT']._serialized_end=1670
+  _globals['_USAGE']._serialized_start=1672
+  _globals['_USAGE']._serialized_end=1774
+  _globals['_GENERATERESPONSE']._serialized_start=1777
+  _globals['_GENERATERESPONSE']._serialized_end=1918
+  _globals['_TOKENIZEREQUEST']._serialized_start=1920
+  _globals['_TOKENIZEREQUEST']._serialized_end=1968
+  _globals['_TOKENIZERESPONSE']._serialized_start=1970
+  _globals['_TOKENIZERESPONSE']._serialized_end=2030
+  _globals['_DETOKENIZEREQUEST']._serialized_start=2032
+  _globals['_DETOKENIZEREQUEST']._serialized_end=2128
+  _globals['_DETOKENIZERESPONSE']._serialized_start=2130
+  _globals['_DETOKENIZERESPONSE']._serialized_end=2164
+  _globals['_GENERATION']._serialized_start=2289
+  _globals['_GENERATION']._serialized_end=2623
 # @@protoc_insertion_point(module_scope)
