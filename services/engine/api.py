@@ -93,6 +93,14 @@ def check_token_ids(token_ids: Seq[int], vocab_size: int, param: str) -> Rejecti
     return Rejection(f"token id {bad} is outside the vocabulary [0, {vocab_size})", param)
 
 
+def check_truncation(keep: int | None, max_model_len: int) -> Rejection | None:
+    """vLLM's truncate_prompt_tokens (keep the prompt's last `keep` tokens) must lie in [1, max_model_len]."""
+    if keep is None or 1 <= keep <= max_model_len:
+        return None
+    return Rejection(f"truncate_prompt_tokens must be in [1, {max_model_len}] (max_model_len), got {keep}",
+                     "truncate_prompt_tokens")
+
+
 def completion_budget(num_prompt_tokens: int, max_tokens: int | None, max_model_len: int) -> int:
     """The tokens a request may generate: `max_tokens`, or (None) the rest of the context."""
     return max_tokens if max_tokens is not None else max(1, max_model_len - num_prompt_tokens)

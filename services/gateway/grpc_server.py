@@ -29,6 +29,7 @@ from services.engine.api import (
     admit,
     check_limits,
     check_token_ids,
+    check_truncation,
 )
 from services.engine.outputs import CompletionOutput, RequestOutput
 from services.engine.sampling_params import SamplingParams
@@ -184,11 +185,10 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             raise RequestRejected(rejection)
         prompt_ids = self._prompt_ids(request)
         if msg.HasField("truncate_prompt_tokens"):  # vLLM's: before the context-length check
-            keep, limit = msg.truncate_prompt_tokens, self._client.max_model_len
-            if not 1 <= keep <= limit:
-                raise RequestRejected(Rejection(f"truncate_prompt_tokens must be in [1, {limit}] "
-                                                f"(max_model_len), got {keep}", "truncate_prompt_tokens"))
-            prompt_ids = prompt_ids[-keep:]
+            rejection = check_truncation(msg.truncate_prompt_tokens, self._client.max_model_len)
+            if rejection is not None:
+                raise RequestRejected(rejection)
+            prompt_ids = prompt_ids[-msg.truncate_prompt_tokens:]
         params = sampling_params_from_proto(msg)
         rejection = check_token_ids(list(msg.logit_bias), self._tokenizer.vocab_size, "logit_bias")
         if rejection is not None:  # gRPC has no separate field for the parameter: name it in the text

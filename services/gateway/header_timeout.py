@@ -32,6 +32,12 @@ def _arm(protocol, seconds: float) -> None:
     protocol._header_timer = protocol.loop.call_later(seconds, _expire, protocol, protocol.cycle)
 
 
+def _disarm(protocol) -> None:
+    timer = getattr(protocol, "_header_timer", None)
+    if timer is not None:
+        timer.cancel()
+
+
 def _extend(cls, seconds: float) -> None:
     connection_made, on_response_complete = cls.connection_made, cls.on_response_complete
     connection_lost = cls.connection_lost
@@ -41,17 +47,13 @@ def _extend(cls, seconds: float) -> None:
         _arm(self, seconds)
 
     def response_complete(self):
-        timer = getattr(self, "_header_timer", None)
-        if timer is not None:
-            timer.cancel()
+        _disarm(self)
         on_response_complete(self)
         if not self.transport.is_closing():
             _arm(self, seconds)
 
     def lost(self, exc):
-        timer = getattr(self, "_header_timer", None)
-        if timer is not None:
-            timer.cancel()
+        _disarm(self)
         connection_lost(self, exc)
 
     cls.connection_made, cls.on_response_complete, cls.connection_lost = made, response_complete, lost

@@ -33,6 +33,7 @@ from services.engine.api import (
     admit,
     check_limits,
     check_token_ids,
+    check_truncation,
     completion_budget,
 )
 from services.engine.sampling_params import SamplingParams
@@ -157,13 +158,10 @@ def _encode(ctx: GatewayContext, text: str, param: str) -> list[int]:
 
 def _truncate(ctx: GatewayContext, ids: list[int], keep: int | None) -> list[int]:
     """vLLM's truncate_prompt_tokens: the last `keep` tokens, before the context-length check."""
-    if keep is None:
-        return ids
-    limit = ctx.model.max_model_len
-    if not 1 <= keep <= limit:
-        raise BadRequestError(f"truncate_prompt_tokens must be in [1, {limit}] (max_model_len), got {keep}",
-                              param="truncate_prompt_tokens")
-    return ids[-keep:]
+    rejection = check_truncation(keep, ctx.model.max_model_len)
+    if rejection is not None:
+        raise BadRequestError(rejection.message, param=rejection.param)
+    return ids if keep is None else ids[-keep:]
 
 
 
