@@ -146,10 +146,10 @@ def _tail(path: Path | None, lines: int = 30) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
 
-def _spawn(cmd: list[str], log_path: Path, env: dict[str, str]) -> subprocess.Popen:
+def _spawn(cmd: list[str], log_path: Path, env: dict[str, str], cwd: Path = REPO) -> subprocess.Popen:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "w") as log:
-        return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+        return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
 
 
@@ -214,7 +214,10 @@ def start_vllm(settings: dict[str, Any], out_dir: Path, timeout_s: float = 900) 
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.get("kv_cache_gib", 4)))
     env.setdefault("VLLM_CPU_OMP_THREADS_BIND", str(settings.get("threads_bind", "auto")))
     log = out_dir / f"server-vllm-{port}.log"
-    server = Server("vllm", f"http://127.0.0.1:{port}", _spawn(cmd, log, env), log,
+    # Not the repository: vLLM's subprocesses put their working directory on sys.path, where an
+    # editable install's grok_serve.egg-info would register our vLLM plugin in an environment that
+    # lacks our dependencies.
+    server = Server("vllm", f"http://127.0.0.1:{port}", _spawn(cmd, log, env, cwd=out_dir.resolve()), log,
                     info={"command": " ".join(cmd), "model_dir": str(model_dir)})
     try:
         wait_healthy(server, timeout_s)
