@@ -13,10 +13,13 @@ spent most of its attention time in those copies (docs/benchmarks.md).
 """
 from __future__ import annotations
 
+import ctypes
+import functools
 import math
 
 import torch
 
+from kernels.native import library
 from services.model.attention_metadata import AttentionMetadata
 
 # Query rows of a prefill chunk attended at once: bounds the [K, G, rows, L] float32 logits to a
@@ -66,6 +69,53 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tenso
     return torch.matmul(probs, v)  # [K, B, Tq, Dh]
 
 
+_NATIVE_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+
+
+@functools.cache
+def _native_decode():
+    lib = library("decode_attention")
+    if lib is None:
+        return None
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib.decode_attention_max_row.restype = i64
+    lib.decode_attention_logits.argtypes = [ctypes.c_int, ptr, ptr, ptr, ptr, ptr, *[i64] * 8, ctypes.c_float]
+    lib.decode_attention_values.argtypes = [ctypes.c_int, ptr, ptr, ptr, ptr, ptr, *[i64] * 8]
+    return lib
+
+
+def _decode_attention_native(lib, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                             tables: torch.Tensor, context_lens: torch.Tensor, multiplier: float,
+                             softcap: float, workspace: AttentionWorkspace) -> torch.Tensor:
+    """q [B_d, K, G, Dh] -> [B_d, K, G, Dh] with kernels/csrc/decode_attention.cpp reading the cache where
+    it lies; the soft-cap, mask and softmax stay here, as _attend computes them."""
+    B, heads, groups, dh = q.shape
+    _, n, s, _ = k_cache.shape
+    m = tables.shape[1]
+    width = m * s
+    dtype = _NATIVE_DTYPES[q.dtype]
+    q = q.contiguous()
+    tables = tables.contiguous()
+    context_lens = context_lens.contiguous()
+    logits = workspace.take(2, (B, heads, groups, width), torch.empty(0))  # [B, K, G, W] float32
+    lib.decode_attention_logits(dtype, q.data_ptr(), k_cache.data_ptr(), tables.data_ptr(), context_lens.data_ptr(),
+                                logits.data_ptr(), B, heads, groups, dh, n, s, m, width, multiplier)
+    logits = logits.div_(softcap).tanh_().mul_(softcap)
+    mask = torch.arange(width)[None, :] < context_lens[:, None]  # [B, W]
+    logits.masked_fill_(~mask[:, None, None, :], -1e30)
+    probs = torch.softmax(logits, dim=-1).to(q.dtype)  # [B, K, G, W]
+    out = torch.empty_like(q)
+    lib.decode_attention_values(dtype, probs.data_ptr(), v_cache.data_ptr(), tables.data_ptr(), context_lens.data_ptr(),
+                                out.data_ptr(), B, heads, groups, dh, n, s, m, width)
+    return out
+
+
+def _native_applies(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata) -> bool:
+    return (q.device.type == "cpu" and q.dtype in _NATIVE_DTYPES and k_cache.dtype == v_cache.dtype == q.dtype
+            and k_cache.is_contiguous() and v_cache.is_contiguous()
+            and meta.decode_block_tables.dtype == meta.decode_context_lens.dtype == torch.int64)
+
+
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     meta: AttentionMetadata, multiplier: float, softcap: float,
                     workspace: AttentionWorkspace | None = None) -> torch.Tensor:
@@ -75,7 +125,11 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     heads, _, block_size, dh = k_cache.shape
     groups = q.shape[2]
     num_decode = meta.num_decode
-    if num_decode:
+    lib = _native_decode() if num_decode and _native_applies(q, k_cache, v_cache, meta) else None
+    if lib is not None and groups * dh <= lib.decode_attention_max_row():
+        out[:num_decode] = _decode_attention_native(lib, q[:num_decode], k_cache, v_cache, meta.decode_block_tables,
+                                                    meta.decode_context_lens, multiplier, softcap, workspace)
+    elif num_decode:
         tables = meta.decode_block_tables  # [B_d, M]
         width = tables.shape[1] * block_size
         shape = (heads, num_decode, width, dh)
