@@ -25,11 +25,12 @@ ENV DEBIAN_FRONTEND=noninteractive \
     VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:${PATH}
 
-# gcc and python3-dev: Triton builds its CUDA launcher at first use. wget: KubeRay's default
+# gcc and python3-dev: Triton builds its CUDA launcher at first use. g++: the CPU path's C++
+# kernels (kernels/csrc) are compiled at first use for the CPU at hand. wget: KubeRay's default
 # liveness and readiness probes call it.
 RUN apt-get update \
     && apt-get install -y --no-install-recommends \
-        python3 python3-venv python3-dev gcc libc6-dev wget ca-certificates \
+        python3 python3-venv python3-dev gcc g++ libc6-dev wget ca-certificates \
     && rm -rf /var/lib/apt/lists/* \
     && python3 -m venv "${VIRTUAL_ENV}"
 
