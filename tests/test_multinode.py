@@ -15,6 +15,7 @@ import json
 import signal
 import threading
 import time
+from typing import ClassVar
 
 import httpx
 import numpy as np
@@ -172,10 +173,13 @@ class Stream:
 class Trickle:
     """Short requests one after another until stopped: what a client sending new requests sees."""
 
+    live: ClassVar[list[Trickle]] = []  # stopped after each test whatever its outcome (fixture stop_trickles)
+
     def __init__(self, url: str):
         self.results: list[tuple[float, int, str]] = []  # (monotonic time sent, status, error code)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(url,), daemon=True)
+        Trickle.live.append(self)
         self._thread.start()
 
     def _run(self, url: str) -> None:
@@ -187,11 +191,24 @@ class Trickle:
                 self.results.append((sent, response.status_code, code))
             except httpx.HTTPError as exc:
                 self.results.append((sent, 0, repr(exc)))
+                # A refused connection returns at once: without a pause this loop would take a core
+                # from everything else on the machine.
+                self._stop.wait(0.5)
 
     def stop(self) -> list[tuple[float, int, str]]:
         self._stop.set()
         self._thread.join(600)
+        if self in Trickle.live:
+            Trickle.live.remove(self)
         return self.results
+
+
+@pytest.fixture(autouse=True)
+def stop_trickles():
+    """A test that fails before stopping its Trickle must not leave it sending into the next tests."""
+    yield
+    for trickle in list(Trickle.live):
+        trickle.stop()
 
 
 # --- replicas across nodes ---------------------------------------------------------------------------
