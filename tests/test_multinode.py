@@ -52,9 +52,11 @@ def engine_config(**overrides) -> AppConfig:
         "engine_deployment": {"num_replicas": 2, "max_replicas_per_node": 1, "num_cpus": 0.3,
                               "max_ongoing_requests": MAX_ONGOING, "max_queued_requests": 64,
                               "health_check_period_s": 1, "health_check_timeout_s": 30,
-                              # Long: a stopping replica waits for its streams, however slow they are.
-                              "graceful_shutdown_timeout_s": 600},
-        "gateway_deployment": {"num_cpus": 0.1, "graceful_shutdown_timeout_s": 600},
+                              # Long: a stopping replica waits for its streams, however slow they are
+                              # (squeezed onto one shared core, a stream to the end of the context
+                              # outlasted 600 s and was cut when its gateway replica was stopped).
+                              "graceful_shutdown_timeout_s": 3000},
+        "gateway_deployment": {"num_cpus": 0.1, "graceful_shutdown_timeout_s": 3000},
     }
     return load_config(None, _merged(base, overrides))
 
