@@ -62,11 +62,15 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tenso
     # q: [K, B, Tq, Dh] (B batches of Tq rows; a kv head's G q heads are folded into Tq);
     # k, v: [K, B, L, Dh]; mask: broadcastable to [K, B, Tq, L] (True = may attend)
     logits = torch.matmul(q.float(), k.float().transpose(-1, -2)).mul_(multiplier)  # [K, B, Tq, L]
-    logits = torch.tanh(logits.div_(softcap)).mul_(softcap)
+    return torch.matmul(_probabilities(logits, mask, softcap, v.dtype), v)  # [K, B, Tq, Dh]
+
+
+def _probabilities(logits: torch.Tensor, mask: torch.Tensor, softcap: float, dtype: torch.dtype) -> torch.Tensor:
+    """float32 logits (overwritten) -> soft-capped, masked softmax in `dtype`; mask True = may attend."""
+    logits = logits.div_(softcap).tanh_().mul_(softcap)
     # The reference masks with -1e30 rather than -inf: identical once exponentiated, and never NaN.
     logits.masked_fill_(~mask, -1e30)
-    probs = torch.softmax(logits, dim=-1).to(v.dtype)
-    return torch.matmul(probs, v)  # [K, B, Tq, Dh]
+    return torch.softmax(logits, dim=-1).to(dtype)
 
 
 _NATIVE_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
@@ -81,6 +85,7 @@ def _native_decode():
     lib.decode_attention_max_row.restype = i64
     lib.decode_attention_logits.argtypes = [ctypes.c_int, ptr, ptr, ptr, ptr, ptr, *[i64] * 8, ctypes.c_float]
     lib.decode_attention_values.argtypes = [ctypes.c_int, ptr, ptr, ptr, ptr, ptr, *[i64] * 8]
+    lib.max_row = lib.decode_attention_max_row()  # asked once, not per layer
     return lib
 
 
@@ -100,10 +105,8 @@ def _decode_attention_native(lib, q: torch.Tensor, k_cache: torch.Tensor, v_cach
     logits = workspace.take(2, (B, heads, groups, width), torch.empty(0))  # [B, K, G, W] float32
     lib.decode_attention_logits(dtype, q.data_ptr(), k_cache.data_ptr(), tables.data_ptr(), context_lens.data_ptr(),
                                 logits.data_ptr(), B, heads, groups, dh, n, s, m, width, multiplier)
-    logits = logits.div_(softcap).tanh_().mul_(softcap)
     mask = torch.arange(width)[None, :] < context_lens[:, None]  # [B, W]
-    logits.masked_fill_(~mask[:, None, None, :], -1e30)
-    probs = torch.softmax(logits, dim=-1).to(q.dtype)  # [B, K, G, W]
+    probs = _probabilities(logits, mask[:, None, None, :], softcap, q.dtype)  # [B, K, G, W]
     out = torch.empty_like(q)
     lib.decode_attention_values(dtype, probs.data_ptr(), v_cache.data_ptr(), tables.data_ptr(), context_lens.data_ptr(),
                                 out.data_ptr(), B, heads, groups, dh, n, s, m, width)
@@ -126,7 +129,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     groups = q.shape[2]
     num_decode = meta.num_decode
     lib = _native_decode() if num_decode and _native_applies(q, k_cache, v_cache, meta) else None
-    if lib is not None and groups * dh <= lib.decode_attention_max_row():
+    if lib is not None and groups * dh <= lib.max_row:
         out[:num_decode] = _decode_attention_native(lib, q[:num_decode], k_cache, v_cache, meta.decode_block_tables,
                                                     meta.decode_context_lens, multiplier, softcap, workspace)
     elif num_decode:
